@@ -1,0 +1,481 @@
+//! The run configuration: TOML with the paper's names, every default defined here and only here,
+//! `--set key.path=value` overrides, and a validation pass that explains each rejected value.
+
+use crate::model::lora::{LoraInit, DEFAULT_TARGETS};
+use anyhow::{anyhow, bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::path::{Path, PathBuf};
+
+/// Storage dtype of the frozen weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum WeightDType {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl WeightDType {
+    pub fn candle(self) -> candle_core::DType {
+        match self {
+            WeightDType::F32 => candle_core::DType::F32,
+            WeightDType::Bf16 => candle_core::DType::BF16,
+            WeightDType::F16 => candle_core::DType::F16,
+        }
+    }
+
+    pub fn bytes(self) -> usize {
+        match self {
+            WeightDType::F32 => 4,
+            _ => 2,
+        }
+    }
+}
+
+/// ODE solver for rollouts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Sampler {
+    /// Euler on the shifted flow-matching grid.
+    Euler,
+    /// DPM-Solver++ 2M with flow sigmas, as the authors' code.
+    DpmSolver2m,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RunConfig {
+    /// Run directory (checkpoints, metrics.jsonl); `--out` overrides it.
+    pub out_dir: PathBuf,
+    pub seed: u64,
+    pub num_epochs: usize,
+    /// Epochs between checkpoints.
+    pub save_every: usize,
+    /// Epochs between evaluations on the test prompts.
+    pub eval_every: usize,
+}
+
+impl Default for RunConfig {
+    fn default() -> Self {
+        Self {
+            out_dir: PathBuf::from("runs/dgpo"),
+            seed: 42,
+            num_epochs: 1000,
+            save_every: 20,
+            eval_every: 10,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ModelConfig {
+    /// A diffusers pipeline or transformer folder, a Hugging Face hub id, or a single `.safetensors` file.
+    pub pretrained: String,
+    /// Diffusers `config.json` of the transformer, needed only for single files.
+    pub transformer_config: Option<PathBuf>,
+    /// Storage dtype of frozen weights (CPU always computes in f32).
+    pub dtype: WeightDType,
+    /// Image side in pixels.
+    pub resolution: usize,
+    /// T5 tokens appended after the 77 CLIP tokens (the authors use 128).
+    pub max_sequence_length: usize,
+}
+
+impl Default for ModelConfig {
+    fn default() -> Self {
+        Self {
+            pretrained: "stabilityai/stable-diffusion-3.5-medium".into(),
+            transformer_config: None,
+            dtype: WeightDType::Bf16,
+            resolution: 512,
+            max_sequence_length: 128,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct LoraConfig {
+    /// `false` trains every weight and keeps a frozen reference copy.
+    pub enabled: bool,
+    pub rank: usize,
+    pub alpha: f64,
+    /// Module names or suffixes (peft's `target_modules`).
+    pub targets: Vec<String>,
+    pub init: LoraInit,
+}
+
+impl Default for LoraConfig {
+    fn default() -> Self {
+        Self {
+            enabled: true,
+            rank: 64,
+            alpha: 128.0,
+            targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
+            init: LoraInit::Gaussian,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct SampleConfig {
+    pub sampler: Sampler,
+    /// ODE steps of a training rollout.
+    pub num_steps: usize,
+    /// ODE steps of an evaluation rollout.
+    pub eval_num_steps: usize,
+    pub guidance_scale: f64,
+    /// SD3 time shift `s` in `σ' = sσ / (1 + (s − 1)σ)`.
+    pub flow_shift: f64,
+    /// Images per prompt (a group); `num_image_per_prompt` in the authors' code.
+    pub group_size: usize,
+    /// Images per rollout batch; holds whole groups.
+    pub batch_size: usize,
+    pub num_batches_per_epoch: usize,
+    /// Images per evaluation batch.
+    pub eval_batch_size: usize,
+}
+
+impl Default for SampleConfig {
+    fn default() -> Self {
+        Self {
+            sampler: Sampler::DpmSolver2m,
+            num_steps: 10,
+            eval_num_steps: 14,
+            guidance_scale: 4.5,
+            flow_shift: 3.0,
+            group_size: 16,
+            batch_size: 16,
+            num_batches_per_epoch: 8,
+            eval_batch_size: 16,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct TrainConfig {
+    /// Images per training micro-batch; holds whole groups.
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    pub adam_beta1: f64,
+    pub adam_beta2: f64,
+    pub adam_weight_decay: f64,
+    pub adam_epsilon: f64,
+    pub max_grad_norm: f64,
+    pub beta_dpo: f64,
+    pub beta_kl: f64,
+    /// PPO-style clip `c` of the ratio against the EMA-reference.
+    pub clip_range: f64,
+    /// `K`: train only on rollout step indices `0..=K` (timestep clipping).
+    pub trunc_steps: usize,
+    /// `M`: distinct step indices drawn per epoch.
+    pub num_train_timesteps: usize,
+    pub adv_clip_max: f64,
+    /// Normalise advantages by the batch std instead of each group's.
+    pub global_std: bool,
+    /// CFG scale of the reference velocity (1 = conditional only).
+    pub kl_cfg: f64,
+    /// Use the EMA-reference as the DGPO reference (mode 2b).
+    pub use_ema_ref: bool,
+    /// Optimizer steps after which rollouts use the EMA-reference weights.
+    pub switch_ema_ref: usize,
+    /// Decay of the slow EMA used for evaluation and checkpoints.
+    pub ema_decay: f64,
+    /// Optimizer steps between slow-EMA updates.
+    pub ema_every: usize,
+}
+
+impl Default for TrainConfig {
+    fn default() -> Self {
+        Self {
+            batch_size: 16,
+            learning_rate: 3e-4,
+            adam_beta1: 0.9,
+            adam_beta2: 0.999,
+            adam_weight_decay: 1e-4,
+            adam_epsilon: 1e-8,
+            max_grad_norm: 1.0,
+            beta_dpo: 100.0,
+            beta_kl: 0.02,
+            clip_range: 1e-2,
+            trunc_steps: 4,
+            num_train_timesteps: 4,
+            adv_clip_max: 5.0,
+            global_std: false,
+            kl_cfg: 1.0,
+            use_ema_ref: false,
+            switch_ema_ref: 500,
+            ema_decay: 0.9,
+            ema_every: 8,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PromptsConfig {
+    /// Training prompts: a GenEval-style `.jsonl` or a text file (one prompt a line).
+    pub train: Option<PathBuf>,
+    /// Evaluation prompts, same formats.
+    pub test: Option<PathBuf>,
+}
+
+impl Default for PromptsConfig {
+    fn default() -> Self {
+        Self {
+            train: None,
+            test: None,
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RewardConfig {
+    /// Reward module name (see the README's reward table).
+    pub kind: String,
+    #[serde(default = "one")]
+    pub weight: f64,
+    /// Server address for remote rewards.
+    #[serde(default)]
+    pub url: Option<String>,
+}
+
+fn one() -> f64 {
+    1.0
+}
+
+/// The whole configuration of a run.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    pub run: RunConfig,
+    pub model: ModelConfig,
+    pub lora: LoraConfig,
+    pub sample: SampleConfig,
+    pub train: TrainConfig,
+    pub prompts: PromptsConfig,
+    pub reward: Vec<RewardConfig>,
+}
+
+impl Config {
+    /// Read `path`, apply `overrides` (`key.path=value`), validate.
+    pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml(&text, &path.display().to_string(), overrides)
+    }
+
+    /// Parse TOML text (`origin` names it in errors), apply overrides, validate.
+    pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        // Parsing the text itself first gives errors with the line and the offending key.
+        let cfg: Config = toml::from_str(text).map_err(|e| anyhow!("in config file {origin}: {e}"))?;
+        let cfg = if overrides.is_empty() {
+            cfg
+        } else {
+            let mut table: toml::Table = toml::from_str(text)?;
+            for o in overrides {
+                apply_override(&mut table, o)?;
+            }
+            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
+                anyhow!("after applying --set {}: {}", overrides.join(" --set "), e.message())
+            })?
+        };
+        let problems = cfg.problems();
+        if !problems.is_empty() {
+            bail!(
+                "{origin}: {} invalid setting{}:\n  - {}",
+                problems.len(),
+                if problems.len() == 1 { "" } else { "s" },
+                problems.join("\n  - ")
+            );
+        }
+        Ok(cfg)
+    }
+
+    /// Every rejected value, explained in the config's own terms.
+    pub fn problems(&self) -> Vec<String> {
+        let mut p = vec![];
+        let s = &self.sample;
+        let t = &self.train;
+        let mut need = |ok: bool, msg: String| {
+            if !ok {
+                p.push(msg)
+            }
+        };
+        need(s.group_size >= 2, format!(
+            "sample.group_size = {} must be at least 2 (advantages are relative to the group)",
+            s.group_size
+        ));
+        need(s.batch_size > 0 && s.group_size > 0 && s.batch_size % s.group_size.max(1) == 0, format!(
+            "sample.group_size = {} does not divide sample.batch_size = {} (a rollout batch holds whole groups)",
+            s.group_size, s.batch_size
+        ));
+        need(t.batch_size > 0 && t.batch_size % s.group_size.max(1) == 0, format!(
+            "sample.group_size = {} does not divide train.batch_size = {} (a training micro-batch holds whole groups)",
+            s.group_size, t.batch_size
+        ));
+        let per_epoch = s.batch_size * s.num_batches_per_epoch;
+        need(s.num_batches_per_epoch > 0, "sample.num_batches_per_epoch must be at least 1".into());
+        need(t.batch_size == 0 || per_epoch % t.batch_size.max(1) == 0, format!(
+            "train.batch_size = {} does not divide the {} images of an epoch (sample.batch_size {} × sample.num_batches_per_epoch {})",
+            t.batch_size, per_epoch, s.batch_size, s.num_batches_per_epoch
+        ));
+        need(s.eval_batch_size > 0, "sample.eval_batch_size must be at least 1".into());
+        need(s.num_steps >= 1, "sample.num_steps must be at least 1".into());
+        need(s.eval_num_steps >= 1, "sample.eval_num_steps must be at least 1".into());
+        need(s.guidance_scale >= 1.0, format!(
+            "sample.guidance_scale = {} must be ≥ 1 (1 disables classifier-free guidance)",
+            s.guidance_scale
+        ));
+        need(s.flow_shift > 0.0, format!("sample.flow_shift = {} must be positive", s.flow_shift));
+        need(t.trunc_steps < s.num_steps, format!(
+            "train.trunc_steps = {} must be below sample.num_steps = {} (it indexes rollout steps 0..=K)",
+            t.trunc_steps, s.num_steps
+        ));
+        need((1..=t.trunc_steps + 1).contains(&t.num_train_timesteps), format!(
+            "train.num_train_timesteps = {} must be between 1 and train.trunc_steps + 1 = {} (distinct step indices)",
+            t.num_train_timesteps,
+            t.trunc_steps + 1
+        ));
+        need(t.learning_rate > 0.0, format!("train.learning_rate = {} must be positive", t.learning_rate));
+        for (k, v) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
+            need((0.0..1.0).contains(&v), format!("train.{k} = {v} must be in [0, 1)"));
+        }
+        need(t.adam_weight_decay >= 0.0, format!("train.adam_weight_decay = {} must be ≥ 0", t.adam_weight_decay));
+        need(t.adam_epsilon > 0.0, format!("train.adam_epsilon = {} must be positive", t.adam_epsilon));
+        need(t.max_grad_norm > 0.0, format!("train.max_grad_norm = {} must be positive", t.max_grad_norm));
+        need(t.beta_dpo > 0.0, format!("train.beta_dpo = {} must be positive", t.beta_dpo));
+        need(t.beta_kl >= 0.0, format!("train.beta_kl = {} must be ≥ 0", t.beta_kl));
+        need(t.clip_range >= 0.0 && t.clip_range < 1.0, format!("train.clip_range = {} must be in [0, 1)", t.clip_range));
+        need(t.adv_clip_max > 0.0, format!("train.adv_clip_max = {} must be positive", t.adv_clip_max));
+        need(t.kl_cfg >= 1.0, format!("train.kl_cfg = {} must be ≥ 1 (1 = conditional reference)", t.kl_cfg));
+        need((0.0..1.0).contains(&t.ema_decay), format!("train.ema_decay = {} must be in [0, 1)", t.ema_decay));
+        need(t.ema_every >= 1, "train.ema_every must be at least 1".into());
+        let l = &self.lora;
+        if l.enabled {
+            need(l.rank >= 1, "lora.rank must be at least 1".into());
+            need(l.alpha > 0.0, format!("lora.alpha = {} must be positive", l.alpha));
+            need(!l.targets.is_empty(), "lora.targets is empty: name at least one module (e.g. \"attn.to_q\")".into());
+        }
+        let m = &self.model;
+        need(!m.pretrained.is_empty(), "model.pretrained is empty: give a folder, a hub id or a .safetensors file".into());
+        need(m.resolution > 0 && m.resolution % 16 == 0, format!(
+            "model.resolution = {} must be a positive multiple of 16 (VAE /8 × patch 2)",
+            m.resolution
+        ));
+        need(m.max_sequence_length >= 1, "model.max_sequence_length must be at least 1".into());
+        let r = &self.run;
+        need(r.num_epochs >= 1, "run.num_epochs must be at least 1".into());
+        need(r.save_every >= 1, "run.save_every must be at least 1".into());
+        need(r.eval_every >= 1, "run.eval_every must be at least 1".into());
+        for (i, rw) in self.reward.iter().enumerate() {
+            need(rw.weight.is_finite(), format!("reward[{i}] ({}) has weight {} (must be finite)", rw.kind, rw.weight));
+            need(!rw.kind.is_empty(), format!("reward[{i}].kind is empty"));
+        }
+        p
+    }
+
+    /// The resolved configuration as TOML.
+    pub fn to_toml(&self) -> String {
+        toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
+    }
+}
+
+/// Set `a.b.c = value` in a TOML table; `value` is read as TOML, or as a string if it is not TOML.
+fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
+    let (key, raw) = assignment
+        .split_once('=')
+        .with_context(|| format!("--set {assignment:?}: expected key.path=value"))?;
+    let key = key.trim();
+    let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {}", raw.trim())) {
+        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Err(_) => toml::Value::String(raw.trim().to_string()),
+    };
+    let parts: Vec<&str> = key.split('.').collect();
+    if parts.iter().any(|p| p.is_empty()) {
+        bail!("--set {assignment:?}: {key:?} is not a key path like train.beta_dpo");
+    }
+    let mut cur = table;
+    for part in &parts[..parts.len() - 1] {
+        let entry = cur
+            .entry(part.to_string())
+            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
+        cur = entry
+            .as_table_mut()
+            .with_context(|| format!("--set {assignment:?}: {part} is not a table"))?;
+    }
+    cur.insert(parts[parts.len() - 1].to_string(), value);
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_file_gives_the_documented_defaults() {
+        let c = Config::from_toml("", "t", &[]).unwrap();
+        assert_eq!(c, Config::default());
+        assert_eq!(c.train.beta_dpo, 100.0);
+        assert_eq!(c.train.adam_weight_decay, 1e-4);
+        assert_eq!(c.lora.rank, 64);
+    }
+
+    #[test]
+    fn misspelt_key_is_named_with_its_line() {
+        let e = Config::from_toml("[train]\nbeta_dpo = 10\nlerning_rate = 1e-3\n", "cfg.toml", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("cfg.toml"), "{e}");
+        assert!(e.contains("line 3"), "{e}");
+        assert!(e.contains("lerning_rate"), "{e}");
+    }
+
+    #[test]
+    fn overrides_apply_and_unknown_override_keys_fail() {
+        let c = Config::from_toml(
+            "[train]\nbeta_dpo = 10\n",
+            "t",
+            &["train.beta_dpo=50".into(), "model.pretrained=/tmp/m".into()],
+        )
+        .unwrap();
+        assert_eq!(c.train.beta_dpo, 50.0);
+        assert_eq!(c.model.pretrained, "/tmp/m");
+        let e = Config::from_toml("", "t", &["lora.rnk=8".into()]).unwrap_err().to_string();
+        assert!(e.contains("rnk") && e.contains("--set"), "{e}");
+    }
+
+    #[test]
+    fn validation_explains_each_rejected_value() {
+        let e = Config::from_toml(
+            "[sample]\ngroup_size = 16\nbatch_size = 12\n[train]\nbatch_size = 16\ntrunc_steps = 12\n",
+            "t",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sample.group_size = 16 does not divide sample.batch_size = 12"),
+            "{e}"
+        );
+        assert!(e.contains("train.trunc_steps = 12 must be below sample.num_steps = 10"), "{e}");
+    }
+
+    #[test]
+    fn shipped_configs_parse_and_validate() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("configs");
+        let mut n = 0;
+        for e in std::fs::read_dir(&dir).unwrap() {
+            let p = e.unwrap().path();
+            if p.extension().is_some_and(|x| x == "toml") {
+                Config::load(&p, &[]).unwrap_or_else(|e| panic!("{}: {e:#}", p.display()));
+                n += 1;
+            }
+        }
+        assert!(n >= 3, "expected the paper's configs in configs/");
+    }
+}

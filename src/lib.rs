@@ -1,0 +1,28 @@
+//! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
+
+pub mod config;
+pub mod model;
+pub mod plan;
+
+use anyhow::{bail, Result};
+use candle_core::Device;
+
+/// Parse `cpu`, `cuda` or `cuda:N`.
+pub fn device(spec: &str) -> Result<Device> {
+    let spec = spec.trim();
+    if spec == "cpu" {
+        return Ok(Device::Cpu);
+    }
+    let ordinal = match spec.strip_prefix("cuda") {
+        Some("") => 0,
+        Some(rest) => match rest.strip_prefix(':').and_then(|n| n.parse::<usize>().ok()) {
+            Some(n) => n,
+            None => bail!("--device {spec:?}: expected cpu, cuda or cuda:N"),
+        },
+        None => bail!("--device {spec:?}: expected cpu, cuda or cuda:N"),
+    };
+    if !candle_core::utils::cuda_is_available() {
+        bail!("--device {spec}: this dgpo was built without CUDA; rebuild with `cargo build --release --features cuda`");
+    }
+    Ok(Device::new_cuda(ordinal)?)
+}

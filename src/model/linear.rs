@@ -1,0 +1,112 @@
+//! Parameters and linear layers that know whether they are trained.
+//!
+//! A [`Param`] is either frozen (a plain tensor; no gradient is ever computed for it) or trainable (a
+//! `Var` plus a frozen copy of its starting value, the full-fine-tune reference). A [`Linear`] may carry
+//! a LoRA adapter; switching the adapter off *is* the reference model, so LoRA runs keep one copy of the
+//! base weights.
+
+use super::lora::LoraAdapter;
+use super::nn::frozen_matmul;
+use candle_core::{DType, Result, Tensor, Var};
+
+/// Which weights a forward pass uses.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Weights {
+    /// The weights being trained: adapters on, trainable values.
+    Policy,
+    /// The reference: adapters off, starting values of fully fine-tuned tensors.
+    Reference,
+}
+
+/// One named tensor of the model.
+#[derive(Debug, Clone)]
+pub enum Param {
+    Frozen(Tensor),
+    Trainable { var: Var, reference: Tensor },
+}
+
+impl Param {
+    pub fn new(t: Tensor, trainable: bool) -> Result<Self> {
+        Ok(if trainable {
+            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            Param::Trainable { var, reference: t }
+        } else {
+            Param::Frozen(t)
+        })
+    }
+
+    /// The tensor to compute with under `w`, in `dtype`.
+    pub fn get(&self, w: Weights, dtype: DType) -> Result<Tensor> {
+        match (self, w) {
+            (Param::Frozen(t), _) | (Param::Trainable { reference: t, .. }, Weights::Reference) => {
+                t.to_dtype(dtype)
+            }
+            (Param::Trainable { var, .. }, Weights::Policy) => var.as_tensor().to_dtype(dtype),
+        }
+    }
+
+    pub fn var(&self) -> Option<&Var> {
+        match self {
+            Param::Frozen(_) => None,
+            Param::Trainable { var, .. } => Some(var),
+        }
+    }
+
+    /// The current value (the trained one for trainable tensors).
+    pub fn value(&self) -> &Tensor {
+        match self {
+            Param::Frozen(t) => t,
+            Param::Trainable { var, .. } => var.as_tensor(),
+        }
+    }
+
+    pub fn elem_count(&self) -> usize {
+        self.value().elem_count()
+    }
+}
+
+/// `y = x Wᵀ + b (+ scale · B A x)`, over the last dimension of `x`.
+#[derive(Debug, Clone)]
+pub struct Linear {
+    /// The module's diffusers name, e.g. `transformer_blocks.3.attn.to_q`.
+    pub name: String,
+    pub weight: Param,
+    pub bias: Option<Param>,
+    pub lora: Option<LoraAdapter>,
+}
+
+impl Linear {
+    pub fn out_features(&self) -> usize {
+        self.weight.value().dim(0).unwrap_or(0)
+    }
+
+    pub fn in_features(&self) -> usize {
+        self.weight.value().dim(1).unwrap_or(0)
+    }
+
+    pub fn forward(&self, x: &Tensor, w: Weights) -> Result<Tensor> {
+        let dtype = x.dtype();
+        let mut out_shape = x.dims().to_vec();
+        let last = out_shape.len() - 1;
+        out_shape[last] = self.out_features();
+        let x2 = x.reshape(((), self.in_features()))?;
+        let weight = self.weight.get(w, dtype)?;
+        let mut y = frozen_matmul(&x2, &weight)?;
+        if let Some(b) = &self.bias {
+            y = y.broadcast_add(&b.get(w, dtype)?)?;
+        }
+        if let (Some(lora), Weights::Policy) = (&self.lora, w) {
+            y = (y + lora.forward(&x2)?.to_dtype(dtype)?)?;
+        }
+        y.reshape(out_shape)
+    }
+
+    /// Every parameter of this layer as (name, param), weights first.
+    pub fn params(&self) -> Vec<(String, &Param)> {
+        let mut v = vec![(format!("{}.weight", self.name), &self.weight)];
+        if let Some(b) = &self.bias {
+            v.push((format!("{}.bias", self.name), b));
+        }
+        v
+    }
+}

@@ -1,0 +1,582 @@
+//! The SD3-family MMDiT (`SD3Transformer2DModel` in diffusers): joint image–text attention blocks,
+//! MMDiT-X dual attention (SD3.5-Medium) and qk RMS-norm (SD3.5). Weight names are diffusers' own, so the
+//! layout of a checkpoint can be read off the `format!` calls below.
+
+use super::config::TransformerConfig;
+use super::linear::{Linear, Param, Weights};
+use super::lora::{LoraAdapter, LoraSpec};
+use super::nn::{attention, layer_norm_no_affine, modulate, rms_norm};
+use super::weights::WeightStore;
+use anyhow::Result;
+use candle_core::{DType, Device, Tensor, Var, D};
+
+const NORM_EPS: f64 = 1e-6;
+
+/// What becomes trainable when the model is built.
+#[derive(Debug, Clone)]
+pub enum Trainable {
+    /// Nothing (inference).
+    None,
+    /// LoRA adapters on the matching linear layers, base frozen; adapter off = reference.
+    Lora { spec: LoraSpec, seed: u64 },
+    /// Every tensor is trained; a frozen copy of each is kept as the reference.
+    Full,
+}
+
+/// Builds layers from a [`WeightStore`] and decides what is trainable.
+struct Builder<'a> {
+    w: &'a mut WeightStore,
+    trainable: &'a Trainable,
+    rng: rand::rngs::StdRng,
+    dev: Device,
+}
+
+impl Builder<'_> {
+    fn param(&mut self, name: &str, shape: &[usize]) -> Result<Param> {
+        let t = self.w.take(name, shape)?;
+        Ok(Param::new(t, matches!(self.trainable, Trainable::Full))?)
+    }
+
+    fn linear(&mut self, name: &str, in_f: usize, out_f: usize) -> Result<Linear> {
+        let weight = self.param(&format!("{name}.weight"), &[out_f, in_f])?;
+        let bias = Some(self.param(&format!("{name}.bias"), &[out_f])?);
+        let lora = match self.trainable {
+            Trainable::Lora { spec, .. } if spec.targets_module(name) => Some(LoraAdapter::init(
+                spec,
+                in_f,
+                out_f,
+                &mut self.rng,
+                &self.dev,
+            )?),
+            _ => None,
+        };
+        Ok(Linear {
+            name: name.to_string(),
+            weight,
+            bias,
+            lora,
+        })
+    }
+}
+
+/// Joint attention (`attn`) or plain self-attention (`attn2`) with optional qk RMS-norm.
+#[derive(Debug, Clone)]
+struct Attention {
+    heads: usize,
+    to_q: Linear,
+    to_k: Linear,
+    to_v: Linear,
+    to_out: Linear,
+    norm_q: Option<Param>,
+    norm_k: Option<Param>,
+    /// Context-stream projections, present for joint attention.
+    added: Option<AddedProj>,
+}
+
+#[derive(Debug, Clone)]
+struct AddedProj {
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    /// `None` in the last block, whose context output is discarded.
+    out: Option<Linear>,
+    norm_q: Option<Param>,
+    norm_k: Option<Param>,
+}
+
+impl Attention {
+    fn new(
+        b: &mut Builder,
+        p: &str,
+        cfg: &TransformerConfig,
+        joint: bool,
+        pre_only: bool,
+    ) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let hd = cfg.attention_head_dim;
+        let norm = |b: &mut Builder, n: &str| -> Result<Option<Param>> {
+            if cfg.use_qk_norm() {
+                Ok(Some(b.param(&format!("{p}.{n}.weight"), &[hd])?))
+            } else {
+                Ok(None)
+            }
+        };
+        let norm_q = norm(b, "norm_q")?;
+        let norm_k = norm(b, "norm_k")?;
+        let added = if joint {
+            Some(AddedProj {
+                q: b.linear(&format!("{p}.add_q_proj"), d, d)?,
+                k: b.linear(&format!("{p}.add_k_proj"), d, d)?,
+                v: b.linear(&format!("{p}.add_v_proj"), d, d)?,
+                out: if pre_only {
+                    None
+                } else {
+                    Some(b.linear(&format!("{p}.to_add_out"), d, d)?)
+                },
+                norm_q: norm(b, "norm_added_q")?,
+                norm_k: norm(b, "norm_added_k")?,
+            })
+        } else {
+            None
+        };
+        Ok(Self {
+            heads: cfg.num_attention_heads,
+            to_q: b.linear(&format!("{p}.to_q"), d, d)?,
+            to_k: b.linear(&format!("{p}.to_k"), d, d)?,
+            to_v: b.linear(&format!("{p}.to_v"), d, d)?,
+            to_out: b.linear(&format!("{p}.to_out.0"), d, d)?,
+            norm_q,
+            norm_k,
+            added,
+        })
+    }
+
+    /// `[B, L, H·D]` → `[B, H, L, D]`, with the optional per-head RMS norm.
+    fn heads(&self, x: &Tensor, norm: &Option<Param>, w: Weights) -> Result<Tensor> {
+        let (b, l, c) = x.dims3()?;
+        let x = x.reshape((b, l, self.heads, c / self.heads))?;
+        let x = match norm {
+            Some(n) => rms_norm(&x, &n.get(w, x.dtype())?, NORM_EPS as f32)?,
+            None => x,
+        };
+        Ok(x.transpose(1, 2)?.contiguous()?)
+    }
+
+    /// Returns the image-token output and, for joint attention, the context-token output
+    /// (projected unless this is the last block).
+    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, w: Weights) -> Result<(Tensor, Option<Tensor>)> {
+        let (bsz, n_img, _) = x.dims3()?;
+        let mut q = self.heads(&self.to_q.forward(x, w)?, &self.norm_q, w)?;
+        let mut k = self.heads(&self.to_k.forward(x, w)?, &self.norm_k, w)?;
+        let mut v = self.heads(&self.to_v.forward(x, w)?, &None, w)?;
+        if let (Some(a), Some(c)) = (&self.added, ctx) {
+            let cq = self.heads(&a.q.forward(c, w)?, &a.norm_q, w)?;
+            let ck = self.heads(&a.k.forward(c, w)?, &a.norm_k, w)?;
+            let cv = self.heads(&a.v.forward(c, w)?, &None, w)?;
+            // Image tokens first, then context tokens, as diffusers' JointAttnProcessor2_0.
+            q = Tensor::cat(&[&q, &cq], 2)?;
+            k = Tensor::cat(&[&k, &ck], 2)?;
+            v = Tensor::cat(&[&v, &cv], 2)?;
+        }
+        let o = attention(&q, &k, &v)?; // [B, H, L, D]
+        let total = o.dim(2)?;
+        let o = o.transpose(1, 2)?.reshape((bsz, total, ()))?;
+        let img = self.to_out.forward(&o.narrow(1, 0, n_img)?, w)?;
+        let ctx_out = match (&self.added, ctx) {
+            (Some(a), Some(_)) => {
+                let c = o.narrow(1, n_img, total - n_img)?;
+                Some(match &a.out {
+                    Some(lin) => lin.forward(&c, w)?,
+                    None => c,
+                })
+            }
+            _ => None,
+        };
+        Ok((img, ctx_out))
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.to_q, &self.to_k, &self.to_v, &self.to_out];
+        if let Some(a) = &self.added {
+            v.extend([&a.q, &a.k, &a.v]);
+            v.extend(a.out.as_ref());
+        }
+        v
+    }
+
+    fn norm_params(&self, p: &str) -> Vec<(String, &Param)> {
+        let added = self.added.as_ref();
+        [
+            ("norm_q", self.norm_q.as_ref()),
+            ("norm_k", self.norm_k.as_ref()),
+            ("norm_added_q", added.and_then(|a| a.norm_q.as_ref())),
+            ("norm_added_k", added.and_then(|a| a.norm_k.as_ref())),
+        ]
+        .into_iter()
+        .filter_map(|(n, x)| x.map(|x| (format!("{p}.{n}.weight"), x)))
+        .collect()
+    }
+}
+
+/// `GELU(tanh)` MLP with 4× expansion (`ff.net.0.proj`, `ff.net.2`).
+#[derive(Debug, Clone)]
+struct FeedForward {
+    up: Linear,
+    down: Linear,
+}
+
+impl FeedForward {
+    fn new(b: &mut Builder, p: &str, d: usize) -> Result<Self> {
+        Ok(Self {
+            up: b.linear(&format!("{p}.net.0.proj"), d, 4 * d)?,
+            down: b.linear(&format!("{p}.net.2"), 4 * d, d)?,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, w: Weights) -> Result<Tensor> {
+        Ok(self.down.forward(&self.up.forward(x, w)?.gelu()?, w)?)
+    }
+}
+
+/// One MMDiT block: an image stream and a context stream that meet in joint attention.
+#[derive(Debug, Clone)]
+struct JointBlock {
+    /// adaLN-Zero of the image stream: 6 chunks, or 9 with dual attention.
+    norm1: Linear,
+    /// adaLN of the context stream: 6 chunks, or 2 (scale, shift) in the last block.
+    norm1_context: Linear,
+    attn: Attention,
+    attn2: Option<Attention>,
+    ff: FeedForward,
+    ff_context: Option<FeedForward>,
+}
+
+impl JointBlock {
+    fn new(b: &mut Builder, i: usize, cfg: &TransformerConfig) -> Result<Self> {
+        let d = cfg.inner_dim();
+        let p = format!("transformer_blocks.{i}");
+        let last = i + 1 == cfg.num_layers;
+        let dual = cfg.is_dual_attention(i);
+        Ok(Self {
+            norm1: b.linear(&format!("{p}.norm1.linear"), d, if dual { 9 } else { 6 } * d)?,
+            norm1_context: b.linear(
+                &format!("{p}.norm1_context.linear"),
+                d,
+                if last { 2 } else { 6 } * d,
+            )?,
+            attn: Attention::new(b, &format!("{p}.attn"), cfg, true, last)?,
+            attn2: if dual {
+                Some(Attention::new(b, &format!("{p}.attn2"), cfg, false, false)?)
+            } else {
+                None
+            },
+            ff: FeedForward::new(b, &format!("{p}.ff"), d)?,
+            ff_context: if last {
+                None
+            } else {
+                Some(FeedForward::new(b, &format!("{p}.ff_context"), d)?)
+            },
+        })
+    }
+
+    /// `temb_act` is `silu(temb)`, shared by every adaLN.
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: &Tensor,
+        temb_act: &Tensor,
+        w: Weights,
+    ) -> Result<(Tensor, Option<Tensor>)> {
+        let m = self.norm1.forward(temb_act, w)?.chunk(if self.attn2.is_some() { 9 } else { 6 }, 1)?;
+        let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
+        let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
+        let x_norm = layer_norm_no_affine(x, NORM_EPS)?;
+        let x_in = modulate(&x_norm, shift_msa, scale_msa)?;
+
+        let cm = self.norm1_context.forward(temb_act, w)?;
+        let c_norm = layer_norm_no_affine(ctx, NORM_EPS)?;
+        let (c_in, c_mods) = if self.ff_context.is_none() {
+            // AdaLayerNormContinuous: (scale, shift) order.
+            let s = cm.chunk(2, 1)?;
+            (modulate(&c_norm, &s[1], &s[0])?, None)
+        } else {
+            let s = cm.chunk(6, 1)?;
+            (modulate(&c_norm, &s[0], &s[1])?, Some(s))
+        };
+
+        let (attn_out, ctx_attn) = self.attn.forward(&x_in, Some(&c_in), w)?;
+        let mut x = (x + attn_out.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        if let Some(attn2) = &self.attn2 {
+            let x2_in = modulate(&x_norm, &m[6], &m[7])?;
+            let (o2, _) = attn2.forward(&x2_in, None, w)?;
+            x = (x + o2.broadcast_mul(&m[8].unsqueeze(1)?)?)?;
+        }
+        let h = modulate(&layer_norm_no_affine(&x, NORM_EPS)?, shift_mlp, scale_mlp)?;
+        let x = (&x + self.ff.forward(&h, w)?.broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
+
+        let ctx = match (c_mods, &self.ff_context, ctx_attn) {
+            (Some(s), Some(ff), Some(ca)) => {
+                let c = (ctx + ca.broadcast_mul(&s[2].unsqueeze(1)?)?)?;
+                let h = modulate(&layer_norm_no_affine(&c, NORM_EPS)?, &s[3], &s[4])?;
+                Some((&c + ff.forward(&h, w)?.broadcast_mul(&s[5].unsqueeze(1)?)?)?)
+            }
+            _ => None,
+        };
+        Ok((x, ctx))
+    }
+
+    fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![&self.norm1, &self.norm1_context];
+        v.extend(self.attn.linears());
+        if let Some(a) = &self.attn2 {
+            v.extend(a.linears());
+        }
+        v.extend([&self.ff.up, &self.ff.down]);
+        if let Some(f) = &self.ff_context {
+            v.extend([&f.up, &f.down]);
+        }
+        v
+    }
+}
+
+/// The SD3 / SD3.5 transformer.
+#[derive(Debug, Clone)]
+pub struct MMDiT {
+    pub cfg: TransformerConfig,
+    dtype: DType,
+    patch_proj: Linear,
+    pos_embed: Tensor,
+    t_lin1: Linear,
+    t_lin2: Linear,
+    y_lin1: Linear,
+    y_lin2: Linear,
+    context_embedder: Linear,
+    blocks: Vec<JointBlock>,
+    norm_out: Linear,
+    proj_out: Linear,
+}
+
+impl MMDiT {
+    /// Build from diffusers-named tensors; every missing, unexpected or misshapen tensor is reported.
+    pub fn new(cfg: &TransformerConfig, mut w: WeightStore, trainable: &Trainable, dtype: DType) -> Result<Self> {
+        cfg.check()?;
+        let dev = w.device();
+        let seed = match trainable {
+            Trainable::Lora { seed, .. } => *seed,
+            _ => 0,
+        };
+        let mut b = Builder {
+            w: &mut w,
+            trainable,
+            rng: super::lora::rng(seed),
+            dev: dev.clone(),
+        };
+        let d = cfg.inner_dim();
+        let p = cfg.patch_size;
+        // The patch embedding is a p×p stride-p convolution; stored as [D, C, p, p], used as [D, C·p·p].
+        let conv = b.w.take("pos_embed.proj.weight", &[d, cfg.in_channels, p, p])?;
+        let patch_proj = Linear {
+            name: "pos_embed.proj".into(),
+            weight: Param::new(conv.reshape((d, cfg.in_channels * p * p))?, matches!(trainable, Trainable::Full))?,
+            bias: Some(b.param("pos_embed.proj.bias", &[d])?),
+            lora: None,
+        };
+        let n = cfg.pos_embed_max_size;
+        let pos_embed = b.w.take("pos_embed.pos_embed", &[1, n * n, d])?;
+        let tt = "time_text_embed";
+        let t_lin1 = b.linear(&format!("{tt}.timestep_embedder.linear_1"), 256, d)?;
+        let t_lin2 = b.linear(&format!("{tt}.timestep_embedder.linear_2"), d, d)?;
+        let y_lin1 = b.linear(&format!("{tt}.text_embedder.linear_1"), cfg.pooled_projection_dim, d)?;
+        let y_lin2 = b.linear(&format!("{tt}.text_embedder.linear_2"), d, d)?;
+        let context_embedder =
+            b.linear("context_embedder", cfg.joint_attention_dim, cfg.caption_projection_dim)?;
+        let blocks = (0..cfg.num_layers)
+            .map(|i| JointBlock::new(&mut b, i, cfg))
+            .collect::<Result<Vec<_>>>()?;
+        let norm_out = b.linear("norm_out.linear", d, 2 * d)?;
+        let proj_out = b.linear("proj_out", d, p * p * cfg.out_channels)?;
+        w.finish()?;
+        Ok(Self {
+            cfg: cfg.clone(),
+            dtype,
+            patch_proj,
+            pos_embed,
+            t_lin1,
+            t_lin2,
+            y_lin1,
+            y_lin2,
+            context_embedder,
+            blocks,
+            norm_out,
+            proj_out,
+        })
+    }
+
+    pub fn dtype(&self) -> DType {
+        self.dtype
+    }
+
+    /// Velocity prediction.
+    /// - `x`: latents `[B, C, H, W]`; `t`: timesteps `[B]` in `[0, 1000]`;
+    /// - `context`: `[B, L, joint_attention_dim]`; `pooled`: `[B, pooled_projection_dim]`.
+    pub fn forward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        w: Weights,
+    ) -> Result<Tensor> {
+        let (bsz, c, h, wd) = x.dims4()?;
+        let p = self.cfg.patch_size;
+        if h % p != 0 || wd % p != 0 {
+            anyhow::bail!("latent size {h}×{wd} is not divisible by the patch size {p}");
+        }
+        let (gh, gw) = (h / p, wd / p);
+        let n = self.cfg.pos_embed_max_size;
+        if gh > n || gw > n {
+            anyhow::bail!("latent grid {gh}×{gw} exceeds pos_embed_max_size = {n}");
+        }
+        let x = x.to_dtype(self.dtype)?;
+        // Patchify: [B, C, gh, p, gw, p] → [B, gh·gw, C·p·p], channel-major like the conv kernel.
+        let patches = x
+            .reshape((bsz, c, gh, p, gw, p))?
+            .permute((0, 2, 4, 1, 3, 5))?
+            .reshape((bsz, gh * gw, c * p * p))?;
+        let mut img = self.patch_proj.forward(&patches, w)?;
+        let (top, left) = ((n - gh) / 2, (n - gw) / 2);
+        let pos = self
+            .pos_embed
+            .reshape((n, n, ()))?
+            .narrow(0, top, gh)?
+            .narrow(1, left, gw)?
+            .reshape((1, gh * gw, ()))?
+            .to_dtype(self.dtype)?;
+        img = img.broadcast_add(&pos)?;
+
+        let temb = self.t_lin2.forward(
+            &self.t_lin1.forward(&timestep_embedding(t, 256)?.to_dtype(self.dtype)?, w)?.silu()?,
+            w,
+        )?;
+        let yemb = self
+            .y_lin2
+            .forward(&self.y_lin1.forward(&pooled.to_dtype(self.dtype)?, w)?.silu()?, w)?;
+        let temb_act = (temb + yemb)?.silu()?;
+        let mut ctx = self.context_embedder.forward(&context.to_dtype(self.dtype)?, w)?;
+
+        for block in &self.blocks {
+            let (xi, ci) = block.forward(&img, &ctx, &temb_act, w)?;
+            img = xi;
+            if let Some(ci) = ci {
+                ctx = ci;
+            }
+        }
+        let s = self.norm_out.forward(&temb_act, w)?.chunk(2, 1)?;
+        let img = modulate(&layer_norm_no_affine(&img, NORM_EPS)?, &s[1], &s[0])?;
+        let out = self.proj_out.forward(&img, w)?; // [B, gh·gw, p·p·C_out]
+        let co = self.cfg.out_channels;
+        Ok(out
+            .reshape((bsz, gh, gw, p, p, co))?
+            .permute((0, 5, 1, 3, 2, 4))?
+            .reshape((bsz, co, h, wd))?)
+    }
+
+    /// Every linear layer, in checkpoint order.
+    pub fn linears(&self) -> Vec<&Linear> {
+        let mut v = vec![
+            &self.patch_proj,
+            &self.t_lin1,
+            &self.t_lin2,
+            &self.y_lin1,
+            &self.y_lin2,
+            &self.context_embedder,
+        ];
+        for b in &self.blocks {
+            v.extend(b.linears());
+        }
+        v.extend([&self.norm_out, &self.proj_out]);
+        v
+    }
+
+    /// Every parameter by diffusers name (the patch projection reported as its 2-D matrix).
+    pub fn params(&self) -> Vec<(String, &Param)> {
+        let mut v: Vec<(String, &Param)> = self.linears().iter().flat_map(|l| l.params()).collect();
+        for (i, b) in self.blocks.iter().enumerate() {
+            v.extend(b.attn.norm_params(&format!("transformer_blocks.{i}.attn")));
+            if let Some(a) = &b.attn2 {
+                v.extend(a.norm_params(&format!("transformer_blocks.{i}.attn2")));
+            }
+        }
+        v
+    }
+
+    /// Trainable tensors with their names: LoRA adapters under peft's names
+    /// (`<module>.lora_A.weight`), fully trained tensors under their own.
+    pub fn trainable_vars(&self) -> Vec<(String, Var)> {
+        let mut v = vec![];
+        for l in self.linears() {
+            if let Some(a) = &l.lora {
+                v.push((format!("{}.lora_A.weight", l.name), a.a.clone()));
+                v.push((format!("{}.lora_B.weight", l.name), a.b.clone()));
+            }
+        }
+        for (n, p) in self.params() {
+            if let Some(var) = p.var() {
+                v.push((n, var.clone()));
+            }
+        }
+        v
+    }
+
+    /// Number of base parameters (frozen or trained, excluding adapters and the position buffer).
+    pub fn num_base_params(&self) -> usize {
+        self.params().iter().map(|(_, p)| p.elem_count()).sum()
+    }
+
+    /// Load adapter values (from a peft or diffusers LoRA file) into this model's adapters.
+    pub fn set_lora(&self, modules: &std::collections::HashMap<String, (Tensor, Tensor)>) -> Result<()> {
+        let mut seen = 0;
+        for l in self.linears() {
+            if let Some(ad) = &l.lora {
+                let (a, b) = modules.get(&l.name).ok_or_else(|| {
+                    anyhow::anyhow!("the LoRA file has no weights for module {}", l.name)
+                })?;
+                if a.dims() != ad.a.as_tensor().dims() || b.dims() != ad.b.as_tensor().dims() {
+                    anyhow::bail!(
+                        "LoRA for {}: expected A {:?} and B {:?}, found {:?} and {:?} \
+                         (was it trained for another base model?)",
+                        l.name,
+                        ad.a.as_tensor().dims(),
+                        ad.b.as_tensor().dims(),
+                        a.dims(),
+                        b.dims()
+                    );
+                }
+                ad.a.set(&a.to_dtype(DType::F32)?.to_device(ad.a.device())?)?;
+                ad.b.set(&b.to_dtype(DType::F32)?.to_device(ad.b.device())?)?;
+                seen += 1;
+            }
+        }
+        if seen != modules.len() {
+            let have: std::collections::HashSet<&str> =
+                self.linears().iter().filter(|l| l.lora.is_some()).map(|l| l.name.as_str()).collect();
+            let extra: Vec<&String> = modules.keys().filter(|k| !have.contains(k.as_str())).collect();
+            anyhow::bail!("the LoRA file adapts modules this model has no adapter for: {extra:?}");
+        }
+        Ok(())
+    }
+}
+
+/// Sinusoidal timestep features as diffusers' `Timesteps(256, flip_sin_to_cos=True, shift=0)`:
+/// `[cos(t·f), sin(t·f)]` with `f_i = exp(−ln(10000)·i/half)`.
+pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
+    let half = dim / 2;
+    let dev = t.device();
+    let freqs: Vec<f32> = (0..half)
+        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .collect();
+    let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
+    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?)
+}
+
+/// The 2-D sin-cos position table of diffusers' `PatchEmbed` (`[1, n·n, dim]`), for building a model
+/// from scratch; checkpoints carry it as `pos_embed.pos_embed`.
+pub fn sincos_pos_embed(dim: usize, n: usize, base_size: usize, dev: &Device) -> Result<Tensor> {
+    let scale = n as f64 / base_size as f64;
+    let quarter = dim / 4;
+    let omega: Vec<f64> = (0..quarter)
+        .map(|i| 1.0 / 10000f64.powf(i as f64 / quarter as f64))
+        .collect();
+    let mut out = Vec::with_capacity(n * n * dim);
+    for row in 0..n {
+        for col in 0..n {
+            // First half encodes the column (w) coordinate, second half the row, as diffusers does.
+            for pos in [col as f64 / scale, row as f64 / scale] {
+                out.extend(omega.iter().map(|o| (pos * o).sin() as f32));
+                out.extend(omega.iter().map(|o| (pos * o).cos() as f32));
+            }
+        }
+    }
+    Ok(Tensor::from_vec(out, (1, n * n, dim), dev)?)
+}

@@ -1,0 +1,181 @@
+//! Differentiable building blocks for the MMDiT.
+//!
+//! Candle's fused `softmax_last_dim`, `layer_norm` and `rms_norm` kernels have no backward pass: on a
+//! tracked tensor they silently return no gradient. Every function here checks `track_op()` and takes the
+//! fast kernel only when no gradient can be asked for, otherwise the plain, differentiable formula.
+//! `frozen_matmul` is a matmul whose backward returns the input gradient only, so a LoRA step does not
+//! pay for gradients of the frozen base weights.
+
+use candle_core::backend::BackendStorage;
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+
+/// Softmax over the last dimension; differentiable whenever `x` is part of a graph.
+pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
+    if !x.track_op() {
+        return candle_nn::ops::softmax_last_dim(x);
+    }
+    // Subtracting a constant does not change softmax or its gradient, so the max may be detached.
+    let max = x.max_keepdim(D::Minus1)?.detach();
+    let e = x.broadcast_sub(&max)?.exp()?;
+    e.broadcast_div(&e.sum_keepdim(D::Minus1)?)
+}
+
+/// Layer norm over the last dimension without affine parameters (the MMDiT's `elementwise_affine=False`).
+pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
+    let mean = x.mean_keepdim(D::Minus1)?;
+    let xc = x.broadcast_sub(&mean)?;
+    let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
+    xc.broadcast_mul(&(var + eps)?.sqrt()?.recip()?)
+}
+
+/// RMS norm over the last dimension with a learned scale, as diffusers' `RMSNorm`.
+pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
+    if !x.track_op() && !weight.track_op() && x.is_contiguous() {
+        return candle_nn::ops::rms_norm(x, weight, eps);
+    }
+    let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
+    x.broadcast_mul(&(ms + eps as f64)?.sqrt()?.recip()?)?
+        .broadcast_mul(weight)
+}
+
+/// `x * (1 + scale) + shift` with per-sample `scale`, `shift` of shape `[B, C]` broadcast over tokens.
+pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
+        .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// Scaled dot-product attention on `[B, H, L, D]` tensors (no mask, no dropout).
+pub fn attention(q: &Tensor, k: &Tensor, v: &Tensor) -> Result<Tensor> {
+    let scale = 1.0 / (q.dim(D::Minus1)? as f64).sqrt();
+    let q = (q * scale)?;
+    let scores = q.matmul(&k.t()?)?;
+    softmax_last_dim(&scores)?.matmul(v)
+}
+
+/// `x @ wᵀ` for a 2-D `x` and a frozen `w` of shape `[out, in]`; backward yields `∂x` only.
+pub fn frozen_matmul(x: &Tensor, w: &Tensor) -> Result<Tensor> {
+    if !x.track_op() || w.track_op() {
+        // Nothing to save: no gradient is needed, or `w` is trainable and needs its own.
+        return x.matmul(&w.t()?);
+    }
+    x.contiguous()?.apply_op2(w, FrozenMatmul)
+}
+
+struct FrozenMatmul;
+
+impl FrozenMatmul {
+    fn fwd<S: BackendStorage>(x: &S, lx: &Layout, w: &S, lw: &Layout) -> Result<(S, Shape)> {
+        let (m, k) = lx.shape().dims2()?;
+        let (n, k2) = lw.shape().dims2()?;
+        if k != k2 {
+            candle_core::bail!("frozen_matmul: input has {k} features but the weight expects {k2}");
+        }
+        let wt = lw.transpose(0, 1)?;
+        let out = x.matmul(w, (1, m, n, k), lx, &wt)?;
+        Ok((out, Shape::from((m, n))))
+    }
+}
+
+impl CustomOp2 for FrozenMatmul {
+    fn name(&self) -> &'static str {
+        "frozen-matmul"
+    }
+
+    fn cpu_fwd(
+        &self,
+        s1: &CpuStorage,
+        l1: &Layout,
+        s2: &CpuStorage,
+        l2: &Layout,
+    ) -> Result<(CpuStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        Self::fwd(s1, l1, s2, l2)
+    }
+
+    fn bwd(
+        &self,
+        _x: &Tensor,
+        w: &Tensor,
+        _res: &Tensor,
+        grad: &Tensor,
+    ) -> Result<(Option<Tensor>, Option<Tensor>)> {
+        Ok((Some(grad.matmul(w)?), None))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use candle_core::{Device, Var};
+
+    fn close(a: &Tensor, b: &Tensor, tol: f32) {
+        let d = (a - b)
+            .unwrap()
+            .abs()
+            .unwrap()
+            .flatten_all()
+            .unwrap()
+            .max(0)
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap();
+        assert!(d <= tol, "max abs diff {d} > {tol}");
+    }
+
+    #[test]
+    fn softmax_paths_agree_and_differentiable_path_has_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 3.0, (2, 5, 7), &dev).unwrap();
+        let fast = softmax_last_dim(&x.as_tensor().detach()).unwrap();
+        let slow = softmax_last_dim(x.as_tensor()).unwrap();
+        close(&fast, &slow, 1e-6);
+        let w = Tensor::randn(0f32, 1.0, (2, 5, 7), &dev).unwrap();
+        let loss = (slow * &w).unwrap().sum_all().unwrap();
+        let g = loss.backward().unwrap();
+        let gx = g.get(x.as_tensor()).expect("softmax must pass a gradient");
+        // Analytic softmax gradient: p * (w - sum(p * w)).
+        let p = fast;
+        let pw = (&p * &w).unwrap().sum_keepdim(D::Minus1).unwrap();
+        let expect = (&p * w.broadcast_sub(&pw).unwrap()).unwrap();
+        close(gx, &expect, 1e-5);
+    }
+
+    #[test]
+    fn rms_norm_paths_agree_and_pass_gradient() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (3, 4, 8), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, 8, &dev).unwrap();
+        let fast = rms_norm(&x.as_tensor().detach(), &w, 1e-6).unwrap();
+        let slow = rms_norm(x.as_tensor(), &w, 1e-6).unwrap();
+        close(&fast, &slow, 1e-5);
+        let g = slow.sum_all().unwrap().backward().unwrap();
+        assert!(g.get(x.as_tensor()).is_some());
+    }
+
+    #[test]
+    fn frozen_matmul_matches_matmul_and_gives_input_gradient_only() {
+        let dev = Device::Cpu;
+        let x = Var::randn(0f32, 1.0, (6, 5), &dev).unwrap();
+        let w = Tensor::randn(0f32, 1.0, (4, 5), &dev).unwrap();
+        let y = frozen_matmul(x.as_tensor(), &w).unwrap();
+        let wt = w.t().unwrap();
+        let y_ref = x.as_tensor().matmul(&wt).unwrap();
+        close(&y, &y_ref, 1e-5);
+        let up = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
+        let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        close(g.get(x.as_tensor()).unwrap(), &up.matmul(&w).unwrap(), 1e-5);
+        assert!(g.get(&w).is_none(), "no gradient may be computed for the frozen weight");
+        // The plain matmul computes one: that is the cost the op avoids.
+        let g2 = (y_ref * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        assert!(g2.get(&wt).is_some());
+    }
+}

@@ -1,0 +1,205 @@
+//! What a run will do, computed from the config alone: the work of one epoch, parameter counts and a
+//! rough memory estimate. Printed by `dgpo train --dry-run`.
+
+use crate::config::Config;
+use crate::model::lora::LoraSpec;
+use crate::model::TransformerConfig;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+/// Per-epoch work and sizes.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Plan {
+    pub groups_per_epoch: usize,
+    pub images_per_epoch: usize,
+    pub micro_batches_per_epoch: usize,
+    pub optimizer_steps_per_epoch: usize,
+    /// Transformer forward passes (per image) of the rollouts.
+    pub rollout_forwards_per_image: usize,
+    /// Transformer forward passes (per image) of the DGPO update: θ, reference, EMA-reference.
+    pub train_forwards_per_image: usize,
+    pub model: Option<ModelPlan>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelPlan {
+    pub source: PathBuf,
+    pub base_params: usize,
+    pub trainable_params: usize,
+    pub image_tokens: usize,
+    pub text_tokens: usize,
+    /// Bytes: frozen weights, trainable state (values, gradients, two Adam moments, two EMAs),
+    /// activations kept for one training micro-batch.
+    pub weights_bytes: usize,
+    pub trainable_bytes: usize,
+    pub activation_bytes: usize,
+}
+
+impl Plan {
+    pub fn new(cfg: &Config, transformer: Option<(PathBuf, TransformerConfig)>) -> Self {
+        let s = &cfg.sample;
+        let t = &cfg.train;
+        let images = s.batch_size * s.num_batches_per_epoch;
+        let cfg_mult = if s.guidance_scale > 1.0 { 2 } else { 1 };
+        let ref_mult = if t.kl_cfg > 1.0 { 2 } else { 1 };
+        let model = transformer.map(|(source, m)| model_plan(cfg, source, &m));
+        Plan {
+            groups_per_epoch: images / s.group_size.max(1),
+            images_per_epoch: images,
+            micro_batches_per_epoch: images / t.batch_size.max(1),
+            optimizer_steps_per_epoch: 1,
+            rollout_forwards_per_image: s.num_steps * cfg_mult,
+            train_forwards_per_image: t.num_train_timesteps * (1 + ref_mult + 1),
+            model,
+        }
+    }
+
+    pub fn render(&self, cfg: &Config) -> String {
+        let mut o = String::new();
+        let s = &cfg.sample;
+        let _ = writeln!(o, "plan for one epoch:");
+        let _ = writeln!(
+            o,
+            "  rollouts        {} images = {} groups × group_size {} ({} batches of {}), {} ODE steps, CFG {}",
+            self.images_per_epoch,
+            self.groups_per_epoch,
+            s.group_size,
+            s.num_batches_per_epoch,
+            s.batch_size,
+            s.num_steps,
+            s.guidance_scale
+        );
+        let _ = writeln!(
+            o,
+            "  training        {} micro-batches of {} × {} timesteps (step indices 0..={})",
+            self.micro_batches_per_epoch,
+            cfg.train.batch_size,
+            cfg.train.num_train_timesteps,
+            cfg.train.trunc_steps
+        );
+        let _ = writeln!(
+            o,
+            "  forward passes  {} per image for rollouts, {} per image for the update",
+            self.rollout_forwards_per_image, self.train_forwards_per_image
+        );
+        let _ = writeln!(o, "  optimizer steps {} per epoch, {} in the run", self.optimizer_steps_per_epoch, cfg.run.num_epochs);
+        match &self.model {
+            None => {
+                let _ = writeln!(
+                    o,
+                    "model: config.json of {:?} not found locally, so parameter counts and memory are unknown \
+                     (download the model or point model.pretrained at a folder)",
+                    cfg.model.pretrained
+                );
+            }
+            Some(m) => {
+                let gib = |b: usize| b as f64 / (1u64 << 30) as f64;
+                let _ = writeln!(o, "model: {}", m.source.display());
+                let _ = writeln!(
+                    o,
+                    "  parameters      {:.1} M base, {:.2} M trainable ({})",
+                    m.base_params as f64 / 1e6,
+                    m.trainable_params as f64 / 1e6,
+                    if cfg.lora.enabled {
+                        format!("LoRA r = {}", cfg.lora.rank)
+                    } else {
+                        "full fine-tune".into()
+                    }
+                );
+                let _ = writeln!(
+                    o,
+                    "  tokens          {} image + {} text per sample",
+                    m.image_tokens, m.text_tokens
+                );
+                let _ = writeln!(
+                    o,
+                    "  memory (rough)  {:.2} GiB weights + {:.2} GiB trainable state + {:.2} GiB activations \
+                     = {:.2} GiB for the transformer (text encoders and VAE not counted)",
+                    gib(m.weights_bytes),
+                    gib(m.trainable_bytes),
+                    gib(m.activation_bytes),
+                    gib(m.weights_bytes + m.trainable_bytes + m.activation_bytes)
+                );
+            }
+        }
+        o
+    }
+}
+
+fn model_plan(cfg: &Config, source: PathBuf, m: &TransformerConfig) -> ModelPlan {
+    let base = m.num_params() + m.pos_embed_max_size.pow(2) * m.inner_dim();
+    let spec = LoraSpec {
+        rank: cfg.lora.rank,
+        alpha: cfg.lora.alpha,
+        targets: cfg.lora.targets.clone(),
+        init: cfg.lora.init,
+        use_rslora: false,
+    };
+    let trainable = if cfg.lora.enabled {
+        m.num_lora_params(cfg.lora.rank, |n| spec.targets_module(n))
+    } else {
+        m.num_params()
+    };
+    let latent = cfg.model.resolution / 8 / m.patch_size;
+    let image_tokens = latent * latent;
+    let text_tokens = 77 + cfg.model.max_sequence_length;
+    let tokens = image_tokens + text_tokens;
+    let d = m.inner_dim();
+    // Kept per layer and sample: ~24 token-width tensors (norms, q/k/v, MLP ×4 …) and two attention maps.
+    let per_layer = tokens * d * 24 + 2 * m.num_attention_heads * tokens * tokens;
+    let activation = cfg.train.batch_size * m.num_layers * per_layer * 4;
+    let mut weights = base * cfg.model.dtype.bytes();
+    if !cfg.lora.enabled {
+        weights += m.num_params() * cfg.model.dtype.bytes(); // the frozen reference copy
+    }
+    ModelPlan {
+        source,
+        base_params: m.num_params(),
+        trainable_params: trainable,
+        image_tokens,
+        text_tokens,
+        weights_bytes: weights,
+        trainable_bytes: trainable * 4 * 6,
+        activation_bytes: activation,
+    }
+}
+
+/// Find the transformer's `config.json` for `pretrained` without downloading: a folder, or the local
+/// Hugging Face cache for a hub id.
+pub fn locate_transformer_config(pretrained: &str, explicit: Option<&Path>) -> Option<PathBuf> {
+    if let Some(p) = explicit {
+        return p.exists().then(|| p.to_path_buf());
+    }
+    let p = Path::new(pretrained);
+    for c in [p.join("transformer/config.json"), p.join("config.json")] {
+        if c.is_file() {
+            return Some(c);
+        }
+    }
+    if p.exists() {
+        return None;
+    }
+    hf_hub::Cache::from_env()
+        .model(pretrained.to_string())
+        .get("transformer/config.json")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn official_geneval_epoch_counts() {
+        let cfg = Config::default();
+        let p = Plan::new(&cfg, Some(("x".into(), TransformerConfig::sd3_5_medium())));
+        assert_eq!(p.images_per_epoch, 128);
+        assert_eq!(p.groups_per_epoch, 8);
+        assert_eq!(p.micro_batches_per_epoch, 8);
+        assert_eq!(p.rollout_forwards_per_image, 20);
+        assert_eq!(p.train_forwards_per_image, 12);
+        let m = p.model.unwrap();
+        assert_eq!(m.image_tokens, 1024);
+        // r = 64 on the eight projections of 24 blocks (the last has no to_add_out): 23·8 + 7 layers.
+        assert_eq!(m.trainable_params, (23 * 8 + 7) * 64 * (1536 + 1536));
+    }
+}
