@@ -26,9 +26,10 @@ pub enum Param {
 }
 
 impl Param {
+    /// Trainable tensors are kept in f32 (f64 only when the whole model is f64, for gradient checks).
     pub fn new(t: Tensor, trainable: bool) -> Result<Self> {
         Ok(if trainable {
-            let var = Var::from_tensor(&t.to_dtype(DType::F32)?)?;
+            let var = Var::from_tensor(&t.to_dtype(trainable_dtype(t.dtype()))?)?;
             Param::Trainable { var, reference: t }
         } else {
             Param::Frozen(t)
@@ -62,6 +63,15 @@ impl Param {
 
     pub fn elem_count(&self) -> usize {
         self.value().elem_count()
+    }
+}
+
+/// The dtype of trained tensors for a model stored in `dtype`: f32, or f64 for an f64 model.
+pub fn trainable_dtype(dtype: DType) -> DType {
+    if dtype == DType::F64 {
+        DType::F64
+    } else {
+        DType::F32
     }
 }
 

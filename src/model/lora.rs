@@ -85,6 +85,7 @@ impl LoraAdapter {
         out_f: usize,
         rng: &mut rand::rngs::StdRng,
         dev: &Device,
+        dtype: DType,
     ) -> Result<Self> {
         let r = spec.rank;
         let a: Vec<f32> = match spec.init {
@@ -98,8 +99,8 @@ impl LoraAdapter {
                 (0..r * in_f).map(|_| rng.sample(u)).collect()
             }
         };
-        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), dev)?)?;
-        let b = Var::zeros((out_f, r), DType::F32, dev)?;
+        let a = Var::from_tensor(&Tensor::from_vec(a, (r, in_f), dev)?.to_dtype(dtype)?)?;
+        let b = Var::zeros((out_f, r), dtype, dev)?;
         Ok(Self {
             a,
             b,
@@ -109,7 +110,7 @@ impl LoraAdapter {
 
     /// `scale · (x Aᵀ) Bᵀ` for a 2-D `x`.
     pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(DType::F32)?;
+        let x = x.to_dtype(self.a.dtype())?;
         let h = x.matmul(&self.a.as_tensor().t()?)?;
         h.matmul(&self.b.as_tensor().t()?)? * self.scale
     }
@@ -272,7 +273,7 @@ mod tests {
             rank: 8,
             ..LoraSpec::paper_default()
         };
-        let a = LoraAdapter::init(&spec, 500, 16, &mut rng(0), &Device::Cpu).unwrap();
+        let a = LoraAdapter::init(&spec, 500, 16, &mut rng(0), &Device::Cpu, DType::F32).unwrap();
         let v: Vec<f32> = a.a.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
         let n = v.len() as f32;
         let mean = v.iter().sum::<f32>() / n;

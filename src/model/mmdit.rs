@@ -29,6 +29,7 @@ struct Builder<'a> {
     trainable: &'a Trainable,
     rng: rand::rngs::StdRng,
     dev: Device,
+    dtype: DType,
 }
 
 impl Builder<'_> {
@@ -47,6 +48,7 @@ impl Builder<'_> {
                 out_f,
                 &mut self.rng,
                 &self.dev,
+                super::linear::trainable_dtype(self.dtype),
             )?),
             _ => None,
         };
@@ -350,6 +352,7 @@ impl MMDiT {
             trainable,
             rng: super::lora::rng(seed),
             dev: dev.clone(),
+            dtype,
         };
         let d = cfg.inner_dim();
         let p = cfg.patch_size;
@@ -532,8 +535,8 @@ impl MMDiT {
                         b.dims()
                     );
                 }
-                ad.a.set(&a.to_dtype(DType::F32)?.to_device(ad.a.device())?)?;
-                ad.b.set(&b.to_dtype(DType::F32)?.to_device(ad.b.device())?)?;
+                ad.a.set(&a.to_dtype(ad.a.dtype())?.to_device(ad.a.device())?)?;
+                ad.b.set(&b.to_dtype(ad.b.dtype())?.to_device(ad.b.device())?)?;
                 seen += 1;
             }
         }
@@ -552,8 +555,11 @@ impl MMDiT {
 pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
     let half = dim / 2;
     let dev = t.device();
+    // Computed in f32 step by step as diffusers does: with t up to 1000, one ulp of a frequency moves
+    // the phase by ~5e-5, which is visible at the output.
+    let neg_ln = -(10000f32.ln());
     let freqs: Vec<f32> = (0..half)
-        .map(|i| (-(10000f64.ln()) * i as f64 / half as f64).exp() as f32)
+        .map(|i| (neg_ln * i as f32 / half as f32).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
     let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;

@@ -7,7 +7,7 @@
 //! pay for gradients of the frozen base weights.
 
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CudaStorage, CustomOp2, Layout, Result, Shape, Tensor, D};
+use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
 /// Softmax over the last dimension; differentiable whenever `x` is part of a graph.
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
@@ -30,7 +30,7 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
 
 /// RMS norm over the last dimension with a learned scale, as diffusers' `RMSNorm`.
 pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
-    if !x.track_op() && !weight.track_op() && x.is_contiguous() {
+    if !x.track_op() && !weight.track_op() && x.is_contiguous() && x.dtype() != DType::F64 {
         return candle_nn::ops::rms_norm(x, weight, eps);
     }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
