@@ -2,6 +2,7 @@
 //! Knows nothing about rewards or RL.
 
 pub mod config;
+pub mod init;
 pub mod linear;
 pub mod lora;
 pub mod mmdit;
