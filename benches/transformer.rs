@@ -68,9 +68,16 @@ fn cases() -> Vec<Case> {
 fn forward_flops(cfg: &TransformerConfig, n_img: usize, n_txt: usize) -> f64 {
     let mut f = 0.0;
     for (name, i, o) in cfg.linear_shapes() {
-        let tokens = if name.contains("add_") || name.contains("to_add_out") || name.contains("ff_context") || name == "context_embedder" {
+        let tokens = if name.contains("add_")
+            || name.contains("to_add_out")
+            || name.contains("ff_context")
+            || name == "context_embedder"
+        {
             n_txt
-        } else if name.contains("norm1") || name.contains("norm_out") || name.starts_with("time_text_embed") {
+        } else if name.contains("norm1")
+            || name.contains("norm_out")
+            || name.starts_with("time_text_embed")
+        {
             1
         } else {
             n_img
@@ -98,9 +105,15 @@ fn time<F: FnMut()>(mut f: F, reps: usize) -> f64 {
 }
 
 fn main() {
-    let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
+    let filter: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
     let dev = Device::Cpu;
-    println!("threads: {} (candle CPU backend, f32)", candle_core::utils::get_num_threads());
+    println!(
+        "threads: {} (candle CPU backend, f32)",
+        candle_core::utils::get_num_threads()
+    );
     for c in cases() {
         if !filter.is_empty() && !filter.iter().any(|f| c.name.contains(f.as_str())) {
             continue;
@@ -114,28 +127,59 @@ fn main() {
                 (k, r)
             })
             .collect();
-        let spec = LoraSpec { rank: c.rank, alpha: c.rank as f64, ..LoraSpec::paper_default() };
-        let lora = MMDiT::new(&c.cfg, WeightStore::new("bench", w, DType::F32), &Trainable::Lora { spec, seed: 0 }, DType::F32)
-            .unwrap();
+        let spec = LoraSpec {
+            rank: c.rank,
+            alpha: c.rank as f64,
+            ..LoraSpec::paper_default()
+        };
+        let lora = MMDiT::new(
+            &c.cfg,
+            WeightStore::new("bench", w, DType::F32),
+            &Trainable::Lora { spec, seed: 0 },
+            DType::F32,
+        )
+        .unwrap();
         let b = c.batch;
         let x = Tensor::randn(0f32, 1.0, (b, c.cfg.in_channels, c.latent, c.latent), &dev).unwrap();
         let t = Tensor::full(500f32, b, &dev).unwrap();
-        let ctx = Tensor::randn(0f32, 1.0, (b, c.text_tokens, c.cfg.joint_attention_dim), &dev).unwrap();
+        let ctx = Tensor::randn(
+            0f32,
+            1.0,
+            (b, c.text_tokens, c.cfg.joint_attention_dim),
+            &dev,
+        )
+        .unwrap();
         let pooled = Tensor::randn(0f32, 1.0, (b, c.cfg.pooled_projection_dim), &dev).unwrap();
         let n_img = (c.latent / c.cfg.patch_size).pow(2);
         let flops = forward_flops(&c.cfg, n_img, c.text_tokens);
 
-        let fwd = time(|| {
-            lora.forward(&x, &t, &ctx, &pooled, Weights::Reference).unwrap();
-        }, 5);
-        let train = time(|| {
-            let v = lora.forward(&x, &t, &ctx, &pooled, Weights::Policy).unwrap();
-            v.sqr().unwrap().mean_all().unwrap().backward().unwrap();
-        }, 5);
+        let fwd = time(
+            || {
+                lora.forward(&x, &t, &ctx, &pooled, Weights::Reference)
+                    .unwrap();
+            },
+            5,
+        );
+        let train = time(
+            || {
+                let v = lora
+                    .forward(&x, &t, &ctx, &pooled, Weights::Policy)
+                    .unwrap();
+                v.sqr().unwrap().mean_all().unwrap().backward().unwrap();
+            },
+            5,
+        );
         let per = |s: f64| s * 1e3 / b as f64;
         println!(
             "{:<6} layers {} hidden {} tokens {}+{} batch {} LoRA r={} | {:.2} GFLOP/sample fwd",
-            c.name, c.cfg.num_layers, c.cfg.inner_dim(), n_img, c.text_tokens, b, c.rank, flops / 1e9
+            c.name,
+            c.cfg.num_layers,
+            c.cfg.inner_dim(),
+            n_img,
+            c.text_tokens,
+            b,
+            c.rank,
+            flops / 1e9
         );
         println!(
             "  forward (no grad)      {:>8.2} ms/sample  {:>6.1} GFLOP/s",

@@ -214,22 +214,13 @@ impl Default for TrainConfig {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
 pub struct PromptsConfig {
     /// Training prompts: a GenEval-style `.jsonl` or a text file (one prompt a line).
     pub train: Option<PathBuf>,
     /// Evaluation prompts, same formats.
     pub test: Option<PathBuf>,
-}
-
-impl Default for PromptsConfig {
-    fn default() -> Self {
-        Self {
-            train: None,
-            test: None,
-        }
-    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -272,7 +263,8 @@ impl Config {
     /// Parse TOML text (`origin` names it in errors), apply overrides, validate.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
         // Parsing the text itself first gives errors with the line and the offending key.
-        let cfg: Config = toml::from_str(text).map_err(|e| anyhow!("in config file {origin}: {e}"))?;
+        let cfg: Config =
+            toml::from_str(text).map_err(|e| anyhow!("in config file {origin}: {e}"))?;
         let cfg = if overrides.is_empty() {
             cfg
         } else {
@@ -280,9 +272,15 @@ impl Config {
             for o in overrides {
                 apply_override(&mut table, o)?;
             }
-            toml::Value::Table(table).try_into().map_err(|e: toml::de::Error| {
-                anyhow!("after applying --set {}: {}", overrides.join(" --set "), e.message())
-            })?
+            toml::Value::Table(table)
+                .try_into()
+                .map_err(|e: toml::de::Error| {
+                    anyhow!(
+                        "after applying --set {}: {}",
+                        overrides.join(" --set "),
+                        e.message()
+                    )
+                })?
         };
         let problems = cfg.problems();
         if !problems.is_empty() {
@@ -306,32 +304,53 @@ impl Config {
                 p.push(msg)
             }
         };
-        need(s.group_size >= 2, format!(
-            "sample.group_size = {} must be at least 2 (advantages are relative to the group)",
-            s.group_size
-        ));
-        need(s.batch_size > 0 && s.group_size > 0 && s.batch_size % s.group_size.max(1) == 0, format!(
+        need(
+            s.group_size >= 2,
+            format!(
+                "sample.group_size = {} must be at least 2 (advantages are relative to the group)",
+                s.group_size
+            ),
+        );
+        need(s.batch_size > 0 && s.group_size > 0 && s.batch_size.is_multiple_of(s.group_size.max(1)), format!(
             "sample.group_size = {} does not divide sample.batch_size = {} (a rollout batch holds whole groups)",
             s.group_size, s.batch_size
         ));
-        need(t.batch_size > 0 && t.batch_size % s.group_size.max(1) == 0, format!(
+        need(t.batch_size > 0 && t.batch_size.is_multiple_of(s.group_size.max(1)), format!(
             "sample.group_size = {} does not divide train.batch_size = {} (a training micro-batch holds whole groups)",
             s.group_size, t.batch_size
         ));
         let per_epoch = s.batch_size * s.num_batches_per_epoch;
-        need(s.num_batches_per_epoch > 0, "sample.num_batches_per_epoch must be at least 1".into());
-        need(t.batch_size == 0 || per_epoch % t.batch_size.max(1) == 0, format!(
+        need(
+            s.num_batches_per_epoch > 0,
+            "sample.num_batches_per_epoch must be at least 1".into(),
+        );
+        need(t.batch_size == 0 || per_epoch.is_multiple_of(t.batch_size.max(1)), format!(
             "train.batch_size = {} does not divide the {} images of an epoch (sample.batch_size {} × sample.num_batches_per_epoch {})",
             t.batch_size, per_epoch, s.batch_size, s.num_batches_per_epoch
         ));
-        need(s.eval_batch_size > 0, "sample.eval_batch_size must be at least 1".into());
-        need(s.num_steps >= 1, "sample.num_steps must be at least 1".into());
-        need(s.eval_num_steps >= 1, "sample.eval_num_steps must be at least 1".into());
-        need(s.guidance_scale >= 1.0, format!(
-            "sample.guidance_scale = {} must be ≥ 1 (1 disables classifier-free guidance)",
-            s.guidance_scale
-        ));
-        need(s.flow_shift > 0.0, format!("sample.flow_shift = {} must be positive", s.flow_shift));
+        need(
+            s.eval_batch_size > 0,
+            "sample.eval_batch_size must be at least 1".into(),
+        );
+        need(
+            s.num_steps >= 1,
+            "sample.num_steps must be at least 1".into(),
+        );
+        need(
+            s.eval_num_steps >= 1,
+            "sample.eval_num_steps must be at least 1".into(),
+        );
+        need(
+            s.guidance_scale >= 1.0,
+            format!(
+                "sample.guidance_scale = {} must be ≥ 1 (1 disables classifier-free guidance)",
+                s.guidance_scale
+            ),
+        );
+        need(
+            s.flow_shift > 0.0,
+            format!("sample.flow_shift = {} must be positive", s.flow_shift),
+        );
         need(t.trunc_steps < s.num_steps, format!(
             "train.trunc_steps = {} must be below sample.num_steps = {} (it indexes rollout steps 0..=K)",
             t.trunc_steps, s.num_steps
@@ -341,39 +360,111 @@ impl Config {
             t.num_train_timesteps,
             t.trunc_steps + 1
         ));
-        need(t.learning_rate > 0.0, format!("train.learning_rate = {} must be positive", t.learning_rate));
+        need(
+            t.learning_rate > 0.0,
+            format!("train.learning_rate = {} must be positive", t.learning_rate),
+        );
         for (k, v) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
-            need((0.0..1.0).contains(&v), format!("train.{k} = {v} must be in [0, 1)"));
+            need(
+                (0.0..1.0).contains(&v),
+                format!("train.{k} = {v} must be in [0, 1)"),
+            );
         }
-        need(t.adam_weight_decay >= 0.0, format!("train.adam_weight_decay = {} must be ≥ 0", t.adam_weight_decay));
-        need(t.adam_epsilon > 0.0, format!("train.adam_epsilon = {} must be positive", t.adam_epsilon));
-        need(t.max_grad_norm > 0.0, format!("train.max_grad_norm = {} must be positive", t.max_grad_norm));
-        need(t.beta_dpo > 0.0, format!("train.beta_dpo = {} must be positive", t.beta_dpo));
-        need(t.beta_kl >= 0.0, format!("train.beta_kl = {} must be ≥ 0", t.beta_kl));
-        need(t.clip_range >= 0.0 && t.clip_range < 1.0, format!("train.clip_range = {} must be in [0, 1)", t.clip_range));
-        need(t.adv_clip_max > 0.0, format!("train.adv_clip_max = {} must be positive", t.adv_clip_max));
-        need(t.kl_cfg >= 1.0, format!("train.kl_cfg = {} must be ≥ 1 (1 = conditional reference)", t.kl_cfg));
-        need((0.0..1.0).contains(&t.ema_decay), format!("train.ema_decay = {} must be in [0, 1)", t.ema_decay));
-        need(t.ema_every >= 1, "train.ema_every must be at least 1".into());
+        need(
+            t.adam_weight_decay >= 0.0,
+            format!(
+                "train.adam_weight_decay = {} must be ≥ 0",
+                t.adam_weight_decay
+            ),
+        );
+        need(
+            t.adam_epsilon > 0.0,
+            format!("train.adam_epsilon = {} must be positive", t.adam_epsilon),
+        );
+        need(
+            t.max_grad_norm > 0.0,
+            format!("train.max_grad_norm = {} must be positive", t.max_grad_norm),
+        );
+        need(
+            t.beta_dpo > 0.0,
+            format!("train.beta_dpo = {} must be positive", t.beta_dpo),
+        );
+        need(
+            t.beta_kl >= 0.0,
+            format!("train.beta_kl = {} must be ≥ 0", t.beta_kl),
+        );
+        need(
+            t.clip_range >= 0.0 && t.clip_range < 1.0,
+            format!("train.clip_range = {} must be in [0, 1)", t.clip_range),
+        );
+        need(
+            t.adv_clip_max > 0.0,
+            format!("train.adv_clip_max = {} must be positive", t.adv_clip_max),
+        );
+        need(
+            t.kl_cfg >= 1.0,
+            format!(
+                "train.kl_cfg = {} must be ≥ 1 (1 = conditional reference)",
+                t.kl_cfg
+            ),
+        );
+        need(
+            (0.0..1.0).contains(&t.ema_decay),
+            format!("train.ema_decay = {} must be in [0, 1)", t.ema_decay),
+        );
+        need(
+            t.ema_every >= 1,
+            "train.ema_every must be at least 1".into(),
+        );
         let l = &self.lora;
         if l.enabled {
             need(l.rank >= 1, "lora.rank must be at least 1".into());
-            need(l.alpha > 0.0, format!("lora.alpha = {} must be positive", l.alpha));
-            need(!l.targets.is_empty(), "lora.targets is empty: name at least one module (e.g. \"attn.to_q\")".into());
+            need(
+                l.alpha > 0.0,
+                format!("lora.alpha = {} must be positive", l.alpha),
+            );
+            need(
+                !l.targets.is_empty(),
+                "lora.targets is empty: name at least one module (e.g. \"attn.to_q\")".into(),
+            );
         }
         let m = &self.model;
-        need(!m.pretrained.is_empty(), "model.pretrained is empty: give a folder, a hub id or a .safetensors file".into());
-        need(m.resolution > 0 && m.resolution % 16 == 0, format!(
-            "model.resolution = {} must be a positive multiple of 16 (VAE /8 × patch 2)",
-            m.resolution
-        ));
-        need(m.max_sequence_length >= 1, "model.max_sequence_length must be at least 1".into());
+        need(
+            !m.pretrained.is_empty(),
+            "model.pretrained is empty: give a folder, a hub id or a .safetensors file".into(),
+        );
+        need(
+            m.resolution > 0 && m.resolution.is_multiple_of(16),
+            format!(
+                "model.resolution = {} must be a positive multiple of 16 (VAE /8 × patch 2)",
+                m.resolution
+            ),
+        );
+        need(
+            m.max_sequence_length >= 1,
+            "model.max_sequence_length must be at least 1".into(),
+        );
         let r = &self.run;
-        need(r.num_epochs >= 1, "run.num_epochs must be at least 1".into());
-        need(r.save_every >= 1, "run.save_every must be at least 1".into());
-        need(r.eval_every >= 1, "run.eval_every must be at least 1".into());
+        need(
+            r.num_epochs >= 1,
+            "run.num_epochs must be at least 1".into(),
+        );
+        need(
+            r.save_every >= 1,
+            "run.save_every must be at least 1".into(),
+        );
+        need(
+            r.eval_every >= 1,
+            "run.eval_every must be at least 1".into(),
+        );
         for (i, rw) in self.reward.iter().enumerate() {
-            need(rw.weight.is_finite(), format!("reward[{i}] ({}) has weight {} (must be finite)", rw.kind, rw.weight));
+            need(
+                rw.weight.is_finite(),
+                format!(
+                    "reward[{i}] ({}) has weight {} (must be finite)",
+                    rw.kind, rw.weight
+                ),
+            );
             need(!rw.kind.is_empty(), format!("reward[{i}].kind is empty"));
         }
         p
@@ -392,7 +483,9 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
         .with_context(|| format!("--set {assignment:?}: expected key.path=value"))?;
     let key = key.trim();
     let value: toml::Value = match toml::from_str::<toml::Table>(&format!("v = {}", raw.trim())) {
-        Ok(mut t) => t.remove("v").unwrap_or(toml::Value::String(raw.to_string())),
+        Ok(mut t) => t
+            .remove("v")
+            .unwrap_or(toml::Value::String(raw.to_string())),
         Err(_) => toml::Value::String(raw.trim().to_string()),
     };
     let parts: Vec<&str> = key.split('.').collect();
@@ -427,9 +520,13 @@ mod tests {
 
     #[test]
     fn misspelt_key_is_named_with_its_line() {
-        let e = Config::from_toml("[train]\nbeta_dpo = 10\nlerning_rate = 1e-3\n", "cfg.toml", &[])
-            .unwrap_err()
-            .to_string();
+        let e = Config::from_toml(
+            "[train]\nbeta_dpo = 10\nlerning_rate = 1e-3\n",
+            "cfg.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
         assert!(e.contains("cfg.toml"), "{e}");
         assert!(e.contains("line 3"), "{e}");
         assert!(e.contains("lerning_rate"), "{e}");
@@ -445,7 +542,9 @@ mod tests {
         .unwrap();
         assert_eq!(c.train.beta_dpo, 50.0);
         assert_eq!(c.model.pretrained, "/tmp/m");
-        let e = Config::from_toml("", "t", &["lora.rnk=8".into()]).unwrap_err().to_string();
+        let e = Config::from_toml("", "t", &["lora.rnk=8".into()])
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("rnk") && e.contains("--set"), "{e}");
     }
 
@@ -462,7 +561,10 @@ mod tests {
             e.contains("sample.group_size = 16 does not divide sample.batch_size = 12"),
             "{e}"
         );
-        assert!(e.contains("train.trunc_steps = 12 must be below sample.num_steps = 10"), "{e}");
+        assert!(
+            e.contains("train.trunc_steps = 12 must be below sample.num_steps = 10"),
+            "{e}"
+        );
     }
 
     #[test]

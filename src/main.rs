@@ -7,7 +7,11 @@ use dgpo::plan::{locate_transformer_config, Plan};
 use std::path::PathBuf;
 
 #[derive(Parser)]
-#[command(name = "dgpo", version, about = "Direct Group Preference Optimization for SD3 / SD3.5 flow-matching models")]
+#[command(
+    name = "dgpo",
+    version,
+    about = "Direct Group Preference Optimization for SD3 / SD3.5 flow-matching models"
+)]
 struct Cli {
     /// Compute device: cpu, cuda or cuda:N.
     #[arg(long, global = true, default_value = "cpu")]
@@ -35,7 +39,9 @@ struct ConfigArgs {
 #[derive(Subcommand)]
 enum Command {
     /// Fine-tune with DGPO.
-    #[command(after_help = "Example:\n  dgpo train --config configs/geneval.toml --set train.beta_dpo=50 --dry-run")]
+    #[command(
+        after_help = "Example:\n  dgpo train --config configs/geneval.toml --set train.beta_dpo=50 --dry-run"
+    )]
     Train {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -47,7 +53,9 @@ enum Command {
         out: Option<PathBuf>,
     },
     /// Generate evaluation grids and scores.
-    #[command(after_help = "Example:\n  dgpo sample --config configs/geneval.toml --prompt \"a photo of a red cube\" --images-per-prompt 4")]
+    #[command(
+        after_help = "Example:\n  dgpo sample --config configs/geneval.toml --prompt \"a photo of a red cube\" --images-per-prompt 4"
+    )]
     Sample {
         #[command(flatten)]
         cfg: ConfigArgs,
@@ -75,7 +83,10 @@ fn init_logging(verbose: u8, quiet: bool) {
         _ => "trace",
     };
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(level));
-    tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).init();
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
 }
 
 fn main() {
@@ -108,7 +119,11 @@ fn run(cli: Cli) -> Result<()> {
             .transpose()?;
             let plan = Plan::new(&config, transformer);
             if dry_run {
-                println!("# resolved config ({})\n{}", cfg.config.display(), config.to_toml());
+                println!(
+                    "# resolved config ({})\n{}",
+                    cfg.config.display(),
+                    config.to_toml()
+                );
                 print!("{}", plan.render(&config));
                 return Ok(());
             }

@@ -82,7 +82,11 @@ impl Plan {
             "  forward passes  {} per image for rollouts, {} per image for the update",
             self.rollout_forwards_per_image, self.train_forwards_per_image
         );
-        let _ = writeln!(o, "  optimizer steps {} per epoch, {} in the run", self.optimizer_steps_per_epoch, cfg.run.num_epochs);
+        let _ = writeln!(
+            o,
+            "  optimizer steps {} per epoch, {} in the run",
+            self.optimizer_steps_per_epoch, cfg.run.num_epochs
+        );
         match &self.model {
             None => {
                 let _ = writeln!(
@@ -97,9 +101,9 @@ impl Plan {
                 let _ = writeln!(o, "model: {}", m.source.display());
                 let _ = writeln!(
                     o,
-                    "  parameters      {:.1} M base, {:.2} M trainable ({})",
-                    m.base_params as f64 / 1e6,
-                    m.trainable_params as f64 / 1e6,
+                    "  parameters      {} base, {} trainable ({})",
+                    count(m.base_params),
+                    count(m.trainable_params),
                     if cfg.lora.enabled {
                         format!("LoRA r = {}", cfg.lora.rank)
                     } else {
@@ -123,6 +127,17 @@ impl Plan {
             }
         }
         o
+    }
+}
+
+/// `2.24 B`, `18.9 M`, `3.1 k`.
+fn count(n: usize) -> String {
+    let f = n as f64;
+    match n {
+        0..=9_999 => format!("{n}"),
+        10_000..=999_999 => format!("{:.1} k", f / 1e3),
+        1_000_000..=999_999_999 => format!("{:.1} M", f / 1e6),
+        _ => format!("{:.2} B", f / 1e9),
     }
 }
 

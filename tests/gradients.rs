@@ -7,7 +7,15 @@ use common::*;
 use dgpo::model::{load_transformer, MMDiT, Trainable, WeightSource, Weights};
 
 fn loss(m: &MMDiT, io: &std::collections::HashMap<String, Tensor>, r: &Tensor) -> Tensor {
-    let out = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Policy).unwrap();
+    let out = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Policy,
+        )
+        .unwrap();
     (out * r).unwrap().sum_all().unwrap()
 }
 
@@ -25,23 +33,30 @@ fn check(m: &MMDiT, vars: &[(String, Var)], io: &std::collections::HashMap<Strin
     let grads = loss(m, io, &r).backward().unwrap();
     let mut worst: f64 = 0.0;
     for (name, var) in vars {
-        let g = grads.get(var.as_tensor()).unwrap_or_else(|| panic!("no gradient for {name}"));
+        let g = grads
+            .get(var.as_tensor())
+            .unwrap_or_else(|| panic!("no gradient for {name}"));
         let g: Vec<f64> = g.flatten_all().unwrap().to_vec1().unwrap();
         let v0 = var.as_tensor().copy().unwrap();
         let n = g.len();
         for idx in [0, n / 3, n / 2, n - 1] {
             let h = 1e-5;
             let flat: Vec<f64> = v0.flatten_all().unwrap().to_vec1().unwrap();
-            let mut eval = |delta: f64| {
+            let eval = |delta: f64| {
                 let mut f = flat.clone();
                 f[idx] += delta;
-                var.set(&Tensor::from_vec(f, v0.dims(), &Device::Cpu).unwrap()).unwrap();
+                var.set(&Tensor::from_vec(f, v0.dims(), &Device::Cpu).unwrap())
+                    .unwrap();
                 scalar(&loss(m, io, &r))
             };
             let fd = (eval(h) - eval(-h)) / (2.0 * h);
             var.set(&v0).unwrap();
             let err = (fd - g[idx]).abs() / (fd.abs().max(g[idx].abs()).max(1e-3));
-            assert!(err < 1e-4, "{name}[{idx}]: backprop {} vs finite difference {fd}", g[idx]);
+            assert!(
+                err < 1e-4,
+                "{name}[{idx}]: backprop {} vs finite difference {fd}",
+                g[idx]
+            );
             worst = worst.max(err);
         }
     }
@@ -66,7 +81,10 @@ fn lora_gradients_match_finite_differences() {
         .collect();
     assert_eq!(pick.len(), 10);
     let worst = check(&m, &pick, &io);
-    println!("LoRA: worst relative error {worst:.2e} over {} vars", pick.len());
+    println!(
+        "LoRA: worst relative error {worst:.2e} over {} vars",
+        pick.len()
+    );
 }
 
 #[test]
@@ -75,7 +93,10 @@ fn full_finetune_gradients_match_finite_differences() {
     let src = WeightSource::from_path(&fixture("sd35_medium"), None).unwrap();
     let m = load_transformer(&src, &Trainable::Full, DType::F64, &Device::Cpu).unwrap();
     let vars = m.trainable_vars();
-    assert_eq!(vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(), m.cfg.num_params());
+    assert_eq!(
+        vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+        m.cfg.num_params()
+    );
     let pick: Vec<(String, Var)> = vars
         .into_iter()
         .filter(|(n, _)| {
@@ -98,7 +119,15 @@ fn full_finetune_gradients_match_finite_differences() {
     let worst = check(&m, &pick, &io);
     println!("full fine-tune: worst relative error {worst:.2e}");
     // The reference weights stay where they were.
-    let r = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Reference).unwrap();
+    let r = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Reference,
+        )
+        .unwrap();
     assert!(max_abs_diff(&r, &io["out"]) < 2e-5);
 }
 
@@ -109,7 +138,11 @@ fn frozen_base_weights_get_no_gradient() {
     let r = Tensor::ones(io["x"].dims(), DType::F32, &Device::Cpu).unwrap();
     let grads = loss(&m, &io, &r).backward().unwrap();
     for l in m.linears() {
-        assert!(grads.get(l.weight.value()).is_none(), "{} got a weight gradient", l.name);
+        assert!(
+            grads.get(l.weight.value()).is_none(),
+            "{} got a weight gradient",
+            l.name
+        );
     }
     for (n, v) in m.trainable_vars() {
         assert!(grads.get(v.as_tensor()).is_some(), "{n} got no gradient");

@@ -5,7 +5,9 @@ mod common;
 use candle_core::{DType, Device};
 use common::*;
 use dgpo::model::mmdit::sincos_pos_embed;
-use dgpo::model::{load_transformer, Trainable, TransformerConfig, WeightSource, WeightStore, Weights};
+use dgpo::model::{
+    load_transformer, Trainable, TransformerConfig, WeightSource, WeightStore, Weights,
+};
 
 const TOL: f64 = 1e-4;
 
@@ -13,12 +15,36 @@ fn check_variant(variant: &str) {
     let io = io(variant, DType::F32);
     let src = WeightSource::from_path(&fixture(variant), None).unwrap();
     let base = load_transformer(&src, &Trainable::None, DType::F32, &Device::Cpu).unwrap();
-    let out = base.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Policy).unwrap();
+    let out = base
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Policy,
+        )
+        .unwrap();
     let e_base = max_abs_diff(&out, &io["out"]);
 
     let m = model_with_lora(variant, DType::F32);
-    let on = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Policy).unwrap();
-    let off = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Reference).unwrap();
+    let on = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Policy,
+        )
+        .unwrap();
+    let off = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Reference,
+        )
+        .unwrap();
     let e_on = max_abs_diff(&on, &io["out_lora"]);
     let e_off = max_abs_diff(&off, &io["out"]);
     println!("{variant}: max abs error base {e_base:.2e}, adapter on {e_on:.2e}, adapter off {e_off:.2e}");
@@ -34,9 +60,16 @@ fn check_variant(variant: &str) {
     let io64 = common::io(variant, DType::F64);
     let m = model_with_lora(variant, DType::F64);
     let args = (&io64["x"], &io64["t"], &io64["context"], &io64["pooled"]);
-    let on = m.forward(args.0, args.1, args.2, args.3, Weights::Policy).unwrap();
-    let off = m.forward(args.0, args.1, args.2, args.3, Weights::Reference).unwrap();
-    let (e_on, e_off) = (max_abs_diff(&on, &io64["out_lora"]), max_abs_diff(&off, &io64["out"]));
+    let on = m
+        .forward(args.0, args.1, args.2, args.3, Weights::Policy)
+        .unwrap();
+    let off = m
+        .forward(args.0, args.1, args.2, args.3, Weights::Reference)
+        .unwrap();
+    let (e_on, e_off) = (
+        max_abs_diff(&on, &io64["out_lora"]),
+        max_abs_diff(&off, &io64["out"]),
+    );
     println!("{variant} in f64: adapter on {e_on:.2e}, adapter off {e_off:.2e}");
     assert!(e_on < 2e-5 && e_off < 2e-5, "{variant} f64: {e_on} {e_off}");
 }
@@ -54,7 +87,9 @@ fn parity_sd35_medium_style_dual_attention_qk_norm() {
 #[test]
 fn parity_sd35_large_style_qk_norm_sharded() {
     // This fixture is saved in shards with a `.safetensors.index.json`.
-    assert!(fixture("sd35_large/transformer/diffusion_pytorch_model.safetensors.index.json").exists());
+    assert!(
+        fixture("sd35_large/transformer/diffusion_pytorch_model.safetensors.index.json").exists()
+    );
     check_variant("sd35_large");
 }
 
@@ -67,7 +102,15 @@ fn parity_stabilityai_single_file_through_the_name_map() {
     )
     .unwrap();
     let m = load_transformer(&src, &Trainable::None, DType::F32, &Device::Cpu).unwrap();
-    let out = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Policy).unwrap();
+    let out = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Policy,
+        )
+        .unwrap();
     let e = max_abs_diff(&out, &io["out"]);
     println!("single file: max abs error {e:.2e}");
     assert!(e <= TOL, "{e}");
@@ -79,7 +122,15 @@ fn parity_bf16_and_f16_storage_stay_close() {
     let src = WeightSource::from_path(&fixture("sd3"), None).unwrap();
     for dt in [DType::BF16, DType::F16] {
         let m = load_transformer(&src, &Trainable::None, dt, &Device::Cpu).unwrap();
-        let out = m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], Weights::Policy).unwrap();
+        let out = m
+            .forward(
+                &io["x"],
+                &io["t"],
+                &io["context"],
+                &io["pooled"],
+                Weights::Policy,
+            )
+            .unwrap();
         assert_eq!(out.dtype(), dt);
         let e = max_abs_diff(&out, &io["out"]);
         let scale = max_abs_diff(&io["out"], &io["out"].zeros_like().unwrap());
@@ -93,7 +144,10 @@ fn single_file_requires_an_explicit_config() {
     let e = WeightSource::from_path(&fixture("sd35_medium/sai_single_file.safetensors"), None)
         .unwrap_err()
         .to_string();
-    assert!(e.contains("config.json") && e.contains("never guessed"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("never guessed"),
+        "{e}"
+    );
 }
 
 #[test]
@@ -118,18 +172,27 @@ fn position_table_matches_the_checkpoint_buffer() {
 #[test]
 fn mismatched_config_lists_missing_unexpected_and_misshapen_tensors() {
     // SD3-style weights read with the SD3.5-Medium-style config: attn2 and qk norms are missing.
-    let cfg = TransformerConfig::from_json_file(&fixture("sd35_medium/transformer/config.json")).unwrap();
+    let cfg =
+        TransformerConfig::from_json_file(&fixture("sd35_medium/transformer/config.json")).unwrap();
     let tensors = candle_core::safetensors::load(
         fixture("sd3/transformer/diffusion_pytorch_model.safetensors"),
         &Device::Cpu,
     )
     .unwrap();
-    let e = dgpo::model::MMDiT::new(&cfg, WeightStore::new("sd3 weights", tensors, DType::F32), &Trainable::None, DType::F32)
-        .unwrap_err()
-        .to_string();
+    let e = dgpo::model::MMDiT::new(
+        &cfg,
+        WeightStore::new("sd3 weights", tensors, DType::F32),
+        &Trainable::None,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
     assert!(e.contains("missing keys"), "{e}");
     assert!(e.contains("transformer_blocks.0.attn2.to_q.weight"), "{e}");
-    assert!(e.contains("transformer_blocks.0.norm1.linear.weight: expected [288, 32], found [192, 32]"), "{e}");
+    assert!(
+        e.contains("transformer_blocks.0.norm1.linear.weight: expected [288, 32], found [192, 32]"),
+        "{e}"
+    );
     // Wrong-size config: every tensor's shape is reported, not only the first.
     let mut small = cfg.clone();
     small.dual_attention_layers.clear();
@@ -140,17 +203,28 @@ fn mismatched_config_lists_missing_unexpected_and_misshapen_tensors() {
         &Device::Cpu,
     )
     .unwrap();
-    let e = dgpo::model::MMDiT::new(&small, WeightStore::new("sd3 weights", tensors, DType::F32), &Trainable::None, DType::F32)
-        .unwrap_err()
-        .to_string();
-    assert!(e.contains("unexpected keys") && e.contains("transformer_blocks.2."), "{e}");
+    let e = dgpo::model::MMDiT::new(
+        &small,
+        WeightStore::new("sd3 weights", tensors, DType::F32),
+        &Trainable::None,
+        DType::F32,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("unexpected keys") && e.contains("transformer_blocks.2."),
+        "{e}"
+    );
 }
 
 #[test]
 fn model_layers_agree_with_the_config_enumeration() {
     let m = model_with_lora("sd35_medium", DType::F32);
-    let from_model: Vec<(String, usize, usize)> =
-        m.linears().iter().map(|l| (l.name.clone(), l.in_features(), l.out_features())).collect();
+    let from_model: Vec<(String, usize, usize)> = m
+        .linears()
+        .iter()
+        .map(|l| (l.name.clone(), l.in_features(), l.out_features()))
+        .collect();
     let mut a = from_model.clone();
     let mut b = m.cfg.linear_shapes();
     a.sort();
@@ -160,6 +234,11 @@ fn model_layers_agree_with_the_config_enumeration() {
     let lora = m.trainable_vars();
     let spec = lora_file("sd35_medium").spec;
     let n: usize = lora.iter().map(|(_, v)| v.elem_count()).sum();
-    assert_eq!(n, m.cfg.num_lora_params(spec.rank, |x| spec.targets_module(x)));
-    assert!(lora.iter().all(|(k, _)| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")));
+    assert_eq!(
+        n,
+        m.cfg.num_lora_params(spec.rank, |x| spec.targets_module(x))
+    );
+    assert!(lora
+        .iter()
+        .all(|(k, _)| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")));
 }

@@ -137,7 +137,7 @@ impl TransformerConfig {
                 self.num_layers
             );
         }
-        if self.attention_head_dim % 2 != 0 || self.inner_dim() % 4 != 0 {
+        if !self.attention_head_dim.is_multiple_of(2) || !self.inner_dim().is_multiple_of(4) {
             bail!("the sin-cos position embedding needs an inner dim divisible by 4");
         }
         Ok(())
@@ -151,16 +151,28 @@ impl TransformerConfig {
             ("pos_embed.proj".into(), self.in_channels * p * p, d),
             ("time_text_embed.timestep_embedder.linear_1".into(), 256, d),
             ("time_text_embed.timestep_embedder.linear_2".into(), d, d),
-            ("time_text_embed.text_embedder.linear_1".into(), self.pooled_projection_dim, d),
+            (
+                "time_text_embed.text_embedder.linear_1".into(),
+                self.pooled_projection_dim,
+                d,
+            ),
             ("time_text_embed.text_embedder.linear_2".into(), d, d),
-            ("context_embedder".into(), self.joint_attention_dim, self.caption_projection_dim),
+            (
+                "context_embedder".into(),
+                self.joint_attention_dim,
+                self.caption_projection_dim,
+            ),
         ];
         for i in 0..self.num_layers {
             let b = format!("transformer_blocks.{i}");
             let last = i + 1 == self.num_layers;
             let dual = self.is_dual_attention(i);
             v.push((format!("{b}.norm1.linear"), d, if dual { 9 } else { 6 } * d));
-            v.push((format!("{b}.norm1_context.linear"), d, if last { 2 } else { 6 } * d));
+            v.push((
+                format!("{b}.norm1_context.linear"),
+                d,
+                if last { 2 } else { 6 } * d,
+            ));
             let mut attn = vec!["attn.to_q", "attn.to_k", "attn.to_v", "attn.to_out.0"];
             attn.extend(["attn.add_q_proj", "attn.add_k_proj", "attn.add_v_proj"]);
             if !last {
@@ -222,7 +234,10 @@ mod tests {
         }
         // Counted by diffusers on the meta device (scripts/make_parity_fixtures.py prints them).
         assert_eq!(TransformerConfig::sd3_medium().num_params(), 2_028_328_000);
-        assert_eq!(TransformerConfig::sd3_5_medium().num_params(), 2_243_171_520);
+        assert_eq!(
+            TransformerConfig::sd3_5_medium().num_params(),
+            2_243_171_520
+        );
         assert_eq!(TransformerConfig::sd3_5_large().num_params(), 8_056_627_520);
     }
 

@@ -11,7 +11,11 @@ use rand_distr::{Distribution, Uniform};
 use std::collections::HashMap;
 
 /// Diffusers-named tensors for `cfg`, deterministic in `seed`.
-pub fn init_weights(cfg: &TransformerConfig, seed: u64, dev: &Device) -> Result<HashMap<String, Tensor>> {
+pub fn init_weights(
+    cfg: &TransformerConfig,
+    seed: u64,
+    dev: &Device,
+) -> Result<HashMap<String, Tensor>> {
     let mut rng = rand::rngs::StdRng::seed_from_u64(seed);
     let mut w = HashMap::new();
     let p = cfg.patch_size;
@@ -34,17 +38,28 @@ pub fn init_weights(cfg: &TransformerConfig, seed: u64, dev: &Device) -> Result<
             weight
         };
         w.insert(format!("{name}.weight"), weight);
-        w.insert(format!("{name}.bias"), Tensor::zeros(out_f, DType::F32, dev)?);
+        w.insert(
+            format!("{name}.bias"),
+            Tensor::zeros(out_f, DType::F32, dev)?,
+        );
     }
     if cfg.use_qk_norm() {
         let hd = cfg.attention_head_dim;
         for i in 0..cfg.num_layers {
-            let mut norms = vec!["attn.norm_q", "attn.norm_k", "attn.norm_added_q", "attn.norm_added_k"];
+            let mut norms = vec![
+                "attn.norm_q",
+                "attn.norm_k",
+                "attn.norm_added_q",
+                "attn.norm_added_k",
+            ];
             if cfg.is_dual_attention(i) {
                 norms.extend(["attn2.norm_q", "attn2.norm_k"]);
             }
             for n in norms {
-                w.insert(format!("transformer_blocks.{i}.{n}.weight"), Tensor::ones(hd, DType::F32, dev)?);
+                w.insert(
+                    format!("transformer_blocks.{i}.{n}.weight"),
+                    Tensor::ones(hd, DType::F32, dev)?,
+                );
             }
         }
     }
@@ -79,13 +94,27 @@ mod tests {
         };
         let dev = Device::Cpu;
         let w = init_weights(&cfg, 1, &dev).unwrap();
-        let m = MMDiT::new(&cfg, WeightStore::new("init", w, DType::F32), &Trainable::None, DType::F32).unwrap();
+        let m = MMDiT::new(
+            &cfg,
+            WeightStore::new("init", w, DType::F32),
+            &Trainable::None,
+            DType::F32,
+        )
+        .unwrap();
         let x = Tensor::randn(0f32, 1.0, (2, 4, 8, 8), &dev).unwrap();
         let t = Tensor::new(&[10f32, 900.], &dev).unwrap();
         let c = Tensor::randn(0f32, 1.0, (2, 5, 12), &dev).unwrap();
         let y = Tensor::randn(0f32, 1.0, (2, 10), &dev).unwrap();
         let v = m.forward(&x, &t, &c, &y, Weights::Policy).unwrap();
         assert_eq!(v.dims(), &[2, 4, 8, 8]);
-        assert_eq!(v.abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            v.abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 }

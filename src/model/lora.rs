@@ -193,9 +193,9 @@ pub fn load_lora(path: &Path, dev: &Device, alpha_if_missing: Option<f64>) -> Re
     let mut modules = HashMap::new();
     let mut rank = None;
     for (m, a) in a_of {
-        let b = b_of.remove(&m).with_context(|| {
-            format!("{}: {m}.lora_A has no lora_B", weights_path.display())
-        })?;
+        let b = b_of
+            .remove(&m)
+            .with_context(|| format!("{}: {m}.lora_A has no lora_B", weights_path.display()))?;
         let r = a.dim(0)?;
         if b.dim(1)? != r {
             bail!(
@@ -279,6 +279,15 @@ mod tests {
         let mean = v.iter().sum::<f32>() / n;
         let std = (v.iter().map(|x| (x - mean).powi(2)).sum::<f32>() / n).sqrt();
         assert!((std - 0.125).abs() < 0.005, "std {std}");
-        assert_eq!(a.b.as_tensor().abs().unwrap().sum_all().unwrap().to_scalar::<f32>().unwrap(), 0.0);
+        assert_eq!(
+            a.b.as_tensor()
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap(),
+            0.0
+        );
     }
 }

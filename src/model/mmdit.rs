@@ -146,7 +146,12 @@ impl Attention {
 
     /// Returns the image-token output and, for joint attention, the context-token output
     /// (projected unless this is the last block).
-    fn forward(&self, x: &Tensor, ctx: Option<&Tensor>, w: Weights) -> Result<(Tensor, Option<Tensor>)> {
+    fn forward(
+        &self,
+        x: &Tensor,
+        ctx: Option<&Tensor>,
+        w: Weights,
+    ) -> Result<(Tensor, Option<Tensor>)> {
         let (bsz, n_img, _) = x.dims3()?;
         let mut q = self.heads(&self.to_q.forward(x, w)?, &self.norm_q, w)?;
         let mut k = self.heads(&self.to_k.forward(x, w)?, &self.norm_k, w)?;
@@ -240,7 +245,11 @@ impl JointBlock {
         let last = i + 1 == cfg.num_layers;
         let dual = cfg.is_dual_attention(i);
         Ok(Self {
-            norm1: b.linear(&format!("{p}.norm1.linear"), d, if dual { 9 } else { 6 } * d)?,
+            norm1: b.linear(
+                &format!("{p}.norm1.linear"),
+                d,
+                if dual { 9 } else { 6 } * d,
+            )?,
             norm1_context: b.linear(
                 &format!("{p}.norm1_context.linear"),
                 d,
@@ -269,7 +278,10 @@ impl JointBlock {
         temb_act: &Tensor,
         w: Weights,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let m = self.norm1.forward(temb_act, w)?.chunk(if self.attn2.is_some() { 9 } else { 6 }, 1)?;
+        let m = self
+            .norm1
+            .forward(temb_act, w)?
+            .chunk(if self.attn2.is_some() { 9 } else { 6 }, 1)?;
         let (shift_msa, scale_msa, gate_msa) = (&m[0], &m[1], &m[2]);
         let (shift_mlp, scale_mlp, gate_mlp) = (&m[3], &m[4], &m[5]);
         let x_norm = layer_norm_no_affine(x, NORM_EPS)?;
@@ -294,7 +306,11 @@ impl JointBlock {
             x = (x + o2.broadcast_mul(&m[8].unsqueeze(1)?)?)?;
         }
         let h = modulate(&layer_norm_no_affine(&x, NORM_EPS)?, shift_mlp, scale_mlp)?;
-        let x = (&x + self.ff.forward(&h, w)?.broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
+        let x = (&x
+            + self
+                .ff
+                .forward(&h, w)?
+                .broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
 
         let ctx = match (c_mods, &self.ff_context, ctx_attn) {
             (Some(s), Some(ff), Some(ca)) => {
@@ -340,7 +356,12 @@ pub struct MMDiT {
 
 impl MMDiT {
     /// Build from diffusers-named tensors; every missing, unexpected or misshapen tensor is reported.
-    pub fn new(cfg: &TransformerConfig, mut w: WeightStore, trainable: &Trainable, dtype: DType) -> Result<Self> {
+    pub fn new(
+        cfg: &TransformerConfig,
+        mut w: WeightStore,
+        trainable: &Trainable,
+        dtype: DType,
+    ) -> Result<Self> {
         cfg.check()?;
         let dev = w.device();
         let seed = match trainable {
@@ -357,10 +378,14 @@ impl MMDiT {
         let d = cfg.inner_dim();
         let p = cfg.patch_size;
         // The patch embedding is a p×p stride-p convolution; stored as [D, C, p, p], used as [D, C·p·p].
-        let conv = b.w.take("pos_embed.proj.weight", &[d, cfg.in_channels, p, p])?;
+        let conv =
+            b.w.take("pos_embed.proj.weight", &[d, cfg.in_channels, p, p])?;
         let patch_proj = Linear {
             name: "pos_embed.proj".into(),
-            weight: Param::new(conv.reshape((d, cfg.in_channels * p * p))?, matches!(trainable, Trainable::Full))?,
+            weight: Param::new(
+                conv.reshape((d, cfg.in_channels * p * p))?,
+                matches!(trainable, Trainable::Full),
+            )?,
             bias: Some(b.param("pos_embed.proj.bias", &[d])?),
             lora: None,
         };
@@ -369,10 +394,17 @@ impl MMDiT {
         let tt = "time_text_embed";
         let t_lin1 = b.linear(&format!("{tt}.timestep_embedder.linear_1"), 256, d)?;
         let t_lin2 = b.linear(&format!("{tt}.timestep_embedder.linear_2"), d, d)?;
-        let y_lin1 = b.linear(&format!("{tt}.text_embedder.linear_1"), cfg.pooled_projection_dim, d)?;
+        let y_lin1 = b.linear(
+            &format!("{tt}.text_embedder.linear_1"),
+            cfg.pooled_projection_dim,
+            d,
+        )?;
         let y_lin2 = b.linear(&format!("{tt}.text_embedder.linear_2"), d, d)?;
-        let context_embedder =
-            b.linear("context_embedder", cfg.joint_attention_dim, cfg.caption_projection_dim)?;
+        let context_embedder = b.linear(
+            "context_embedder",
+            cfg.joint_attention_dim,
+            cfg.caption_projection_dim,
+        )?;
         let blocks = (0..cfg.num_layers)
             .map(|i| JointBlock::new(&mut b, i, cfg))
             .collect::<Result<Vec<_>>>()?;
@@ -438,14 +470,23 @@ impl MMDiT {
         img = img.broadcast_add(&pos)?;
 
         let temb = self.t_lin2.forward(
-            &self.t_lin1.forward(&timestep_embedding(t, 256)?.to_dtype(self.dtype)?, w)?.silu()?,
+            &self
+                .t_lin1
+                .forward(&timestep_embedding(t, 256)?.to_dtype(self.dtype)?, w)?
+                .silu()?,
             w,
         )?;
-        let yemb = self
-            .y_lin2
-            .forward(&self.y_lin1.forward(&pooled.to_dtype(self.dtype)?, w)?.silu()?, w)?;
+        let yemb = self.y_lin2.forward(
+            &self
+                .y_lin1
+                .forward(&pooled.to_dtype(self.dtype)?, w)?
+                .silu()?,
+            w,
+        )?;
         let temb_act = (temb + yemb)?.silu()?;
-        let mut ctx = self.context_embedder.forward(&context.to_dtype(self.dtype)?, w)?;
+        let mut ctx = self
+            .context_embedder
+            .forward(&context.to_dtype(self.dtype)?, w)?;
 
         for block in &self.blocks {
             let (xi, ci) = block.forward(&img, &ctx, &temb_act, w)?;
@@ -517,7 +558,10 @@ impl MMDiT {
     }
 
     /// Load adapter values (from a peft or diffusers LoRA file) into this model's adapters.
-    pub fn set_lora(&self, modules: &std::collections::HashMap<String, (Tensor, Tensor)>) -> Result<()> {
+    pub fn set_lora(
+        &self,
+        modules: &std::collections::HashMap<String, (Tensor, Tensor)>,
+    ) -> Result<()> {
         let mut seen = 0;
         for l in self.linears() {
             if let Some(ad) = &l.lora {
@@ -541,9 +585,16 @@ impl MMDiT {
             }
         }
         if seen != modules.len() {
-            let have: std::collections::HashSet<&str> =
-                self.linears().iter().filter(|l| l.lora.is_some()).map(|l| l.name.as_str()).collect();
-            let extra: Vec<&String> = modules.keys().filter(|k| !have.contains(k.as_str())).collect();
+            let have: std::collections::HashSet<&str> = self
+                .linears()
+                .iter()
+                .filter(|l| l.lora.is_some())
+                .map(|l| l.name.as_str())
+                .collect();
+            let extra: Vec<&String> = modules
+                .keys()
+                .filter(|k| !have.contains(k.as_str()))
+                .collect();
             anyhow::bail!("the LoRA file adapts modules this model has no adapter for: {extra:?}");
         }
         Ok(())
@@ -562,7 +613,10 @@ pub fn timestep_embedding(t: &Tensor, dim: usize) -> Result<Tensor> {
         .map(|i| (neg_ln * i as f32 / half as f32).exp())
         .collect();
     let freqs = Tensor::from_vec(freqs, (1, half), dev)?;
-    let args = t.to_dtype(DType::F32)?.unsqueeze(1)?.broadcast_mul(&freqs)?;
+    let args = t
+        .to_dtype(DType::F32)?
+        .unsqueeze(1)?
+        .broadcast_mul(&freqs)?;
     Ok(Tensor::cat(&[args.cos()?, args.sin()?], D::Minus1)?)
 }
 

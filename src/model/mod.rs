@@ -27,5 +27,10 @@ pub fn load_transformer(
 ) -> Result<MMDiT> {
     let cfg = TransformerConfig::from_json_file(&src.config_path())?;
     let (name, tensors) = src.read(cfg.num_layers, dev)?;
-    MMDiT::new(&cfg, WeightStore::new(name, tensors, dtype), trainable, dtype)
+    MMDiT::new(
+        &cfg,
+        WeightStore::new(name, tensors, dtype),
+        trainable,
+        dtype,
+    )
 }

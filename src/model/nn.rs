@@ -173,9 +173,17 @@ mod tests {
         let up = Tensor::randn(0f32, 1.0, (6, 4), &dev).unwrap();
         let g = (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
         close(g.get(x.as_tensor()).unwrap(), &up.matmul(&w).unwrap(), 1e-5);
-        assert!(g.get(&w).is_none(), "no gradient may be computed for the frozen weight");
+        assert!(
+            g.get(&w).is_none(),
+            "no gradient may be computed for the frozen weight"
+        );
         // The plain matmul computes one: that is the cost the op avoids.
-        let g2 = (y_ref * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let g2 = (y_ref * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
         assert!(g2.get(&wt).is_some());
     }
 }

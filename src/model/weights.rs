@@ -158,7 +158,11 @@ pub fn diffusers_weight_files(dir: &Path) -> Result<Vec<PathBuf>> {
             bail!(
                 "{} holds several shard indexes ({}); keep one",
                 dir.display(),
-                indexes.iter().map(|p| name(p)).collect::<Vec<_>>().join(", ")
+                indexes
+                    .iter()
+                    .map(|p| name(p))
+                    .collect::<Vec<_>>()
+                    .join(", ")
             );
         }
         let text = std::fs::read_to_string(index)
@@ -228,8 +232,14 @@ fn sai_rule(key: &str, num_layers: usize) -> Option<(Vec<String>, Xform)> {
     let one = |n: &str| Some((vec![format!("{n}.{suffix}")], Xform::Same));
     let global = [
         ("x_embedder.proj", "pos_embed.proj"),
-        ("t_embedder.mlp.0", "time_text_embed.timestep_embedder.linear_1"),
-        ("t_embedder.mlp.2", "time_text_embed.timestep_embedder.linear_2"),
+        (
+            "t_embedder.mlp.0",
+            "time_text_embed.timestep_embedder.linear_1",
+        ),
+        (
+            "t_embedder.mlp.2",
+            "time_text_embed.timestep_embedder.linear_2",
+        ),
         ("y_embedder.mlp.0", "time_text_embed.text_embedder.linear_1"),
         ("y_embedder.mlp.2", "time_text_embed.text_embedder.linear_2"),
         ("context_embedder", "context_embedder"),
@@ -294,7 +304,10 @@ fn swap_halves(t: &Tensor) -> Result<Tensor> {
     if n % 2 != 0 {
         bail!("cannot swap scale/shift halves of a tensor with {n} rows");
     }
-    Ok(Tensor::cat(&[t.narrow(0, n / 2, n / 2)?, t.narrow(0, 0, n / 2)?], 0)?)
+    Ok(Tensor::cat(
+        &[t.narrow(0, n / 2, n / 2)?, t.narrow(0, 0, n / 2)?],
+        0,
+    )?)
 }
 
 /// Rename a StabilityAI single-file state dict (`model.diffusion_model.joint_blocks.N.x_block…`) to
@@ -345,7 +358,12 @@ pub fn sai_to_diffusers(
         bail!(
             "{source}: {} tensors have no diffusers name in the SD3 single-file map, e.g. {}",
             unknown.len(),
-            unknown.iter().take(5).cloned().collect::<Vec<_>>().join(", ")
+            unknown
+                .iter()
+                .take(5)
+                .cloned()
+                .collect::<Vec<_>>()
+                .join(", ")
         );
     }
     Ok(out)
@@ -397,8 +415,14 @@ fn sai_candidates(diffusers_key: &str) -> Vec<String> {
     }
     let global = [
         ("pos_embed.proj", "x_embedder.proj"),
-        ("time_text_embed.timestep_embedder.linear_1", "t_embedder.mlp.0"),
-        ("time_text_embed.timestep_embedder.linear_2", "t_embedder.mlp.2"),
+        (
+            "time_text_embed.timestep_embedder.linear_1",
+            "t_embedder.mlp.0",
+        ),
+        (
+            "time_text_embed.timestep_embedder.linear_2",
+            "t_embedder.mlp.2",
+        ),
         ("time_text_embed.text_embedder.linear_1", "y_embedder.mlp.0"),
         ("time_text_embed.text_embedder.linear_2", "y_embedder.mlp.2"),
         ("context_embedder", "context_embedder"),
@@ -490,7 +514,11 @@ impl WeightSource {
     }
 
     /// Read the tensors, renamed to diffusers names.
-    pub fn read(&self, num_layers: usize, dev: &Device) -> Result<(String, HashMap<String, Tensor>)> {
+    pub fn read(
+        &self,
+        num_layers: usize,
+        dev: &Device,
+    ) -> Result<(String, HashMap<String, Tensor>)> {
         match self {
             WeightSource::Diffusers(d) => {
                 let files = diffusers_weight_files(d)?;
@@ -516,9 +544,18 @@ mod tests {
         let t = |n: usize| Tensor::arange(0f32, n as f32, &dev).unwrap();
         d.insert("norm_out.linear.bias".to_string(), t(4));
         d.insert("transformer_blocks.0.attn.to_q.bias".to_string(), t(2));
-        d.insert("transformer_blocks.0.attn.to_k.bias".to_string(), (t(2) + 10.).unwrap());
-        d.insert("transformer_blocks.0.attn.to_v.bias".to_string(), (t(2) + 20.).unwrap());
-        d.insert("transformer_blocks.0.norm1_context.linear.bias".to_string(), t(4));
+        d.insert(
+            "transformer_blocks.0.attn.to_k.bias".to_string(),
+            (t(2) + 10.).unwrap(),
+        );
+        d.insert(
+            "transformer_blocks.0.attn.to_v.bias".to_string(),
+            (t(2) + 20.).unwrap(),
+        );
+        d.insert(
+            "transformer_blocks.0.norm1_context.linear.bias".to_string(),
+            t(4),
+        );
         d.insert("pos_embed.pos_embed".to_string(), t(3));
         let sai = diffusers_to_sai(&d, 1).unwrap();
         let qkv: Vec<f32> = sai["model.diffusion_model.joint_blocks.0.x_block.attn.qkv.bias"]
@@ -542,14 +579,23 @@ mod tests {
     fn ledger_lists_every_problem() {
         let dev = Device::Cpu;
         let mut m = HashMap::new();
-        m.insert("a".to_string(), Tensor::zeros((2, 3), DType::F32, &dev).unwrap());
-        m.insert("extra".to_string(), Tensor::zeros(1, DType::F32, &dev).unwrap());
+        m.insert(
+            "a".to_string(),
+            Tensor::zeros((2, 3), DType::F32, &dev).unwrap(),
+        );
+        m.insert(
+            "extra".to_string(),
+            Tensor::zeros(1, DType::F32, &dev).unwrap(),
+        );
         let mut w = WeightStore::new("test.safetensors", m, DType::F32);
         w.take("a", &[3, 2]).unwrap();
         w.take("b", &[1]).unwrap();
         let e = w.finish().unwrap_err().to_string();
         assert!(e.contains("missing keys (1)") && e.contains("    b"), "{e}");
-        assert!(e.contains("unexpected keys (1)") && e.contains("extra"), "{e}");
+        assert!(
+            e.contains("unexpected keys (1)") && e.contains("extra"),
+            "{e}"
+        );
         assert!(e.contains("a: expected [3, 2], found [2, 3]"), "{e}");
     }
 }

@@ -8,12 +8,17 @@ use std::collections::HashMap;
 use std::path::PathBuf;
 
 pub fn fixture(variant: &str) -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/parity").join(variant)
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures/parity")
+        .join(variant)
 }
 
 pub fn io(variant: &str, dtype: DType) -> HashMap<String, Tensor> {
-    let t = candle_core::safetensors::load(fixture(variant).join("io.safetensors"), &Device::Cpu).unwrap();
-    t.into_iter().map(|(k, v)| (k, v.to_dtype(dtype).unwrap())).collect()
+    let t = candle_core::safetensors::load(fixture(variant).join("io.safetensors"), &Device::Cpu)
+        .unwrap();
+    t.into_iter()
+        .map(|(k, v)| (k, v.to_dtype(dtype).unwrap()))
+        .collect()
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
@@ -38,8 +43,16 @@ pub fn lora_file(variant: &str) -> LoraFile {
 pub fn model_with_lora(variant: &str, dtype: DType) -> MMDiT {
     let lf = lora_file(variant);
     let src = WeightSource::from_path(&fixture(variant).join("transformer"), None).unwrap();
-    let m = load_transformer(&src, &Trainable::Lora { spec: lf.spec.clone(), seed: 0 }, dtype, &Device::Cpu)
-        .unwrap();
+    let m = load_transformer(
+        &src,
+        &Trainable::Lora {
+            spec: lf.spec.clone(),
+            seed: 0,
+        },
+        dtype,
+        &Device::Cpu,
+    )
+    .unwrap();
     m.set_lora(&lf.modules).unwrap();
     m
 }

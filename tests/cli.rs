@@ -1,0 +1,125 @@
+//! The `dgpo` binary as a user runs it: dry runs, config errors, device errors.
+
+use std::path::Path;
+use std::process::Command;
+
+fn dgpo(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_dgpo"))
+        .args(args)
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
+}
+
+#[test]
+fn dry_run_prints_config_and_plan_with_parameter_counts() {
+    let (code, out, err) = dgpo(&[
+        "train",
+        "--config",
+        "configs/geneval.toml",
+        "--set",
+        "model.pretrained=tests/fixtures/parity/sd35_medium",
+        "--set",
+        "lora.rank=4",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("rank = 4"), "{out}");
+    assert!(
+        out.contains("128 images = 8 groups × group_size 16"),
+        "{out}"
+    );
+    assert!(out.contains("optimizer steps 1 per epoch"), "{out}");
+    assert!(out.contains("trainable (LoRA r = 4)"), "{out}");
+    assert!(out.contains("memory (rough)"), "{out}");
+}
+
+#[test]
+fn dry_run_without_local_weights_says_what_is_unknown() {
+    let (code, out, err) = dgpo(&[
+        "train",
+        "-c",
+        "configs/pickscore.toml",
+        "--dry-run",
+        "--set",
+        "model.pretrained=/nonexistent/model",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("not found locally"), "{out}");
+}
+
+#[test]
+fn misspelt_key_fails_with_file_line_and_key() {
+    let dir = std::env::temp_dir().join(format!("dgpo-cli-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let f = dir.join("bad.toml");
+    std::fs::write(&f, "[train]\nbeta_dpo = 10.0\nbeta_kll = 0.1\n").unwrap();
+    let (code, _, err) = dgpo(&["train", "--config", f.to_str().unwrap(), "--dry-run"]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("bad.toml") && err.contains("line 3") && err.contains("beta_kll"),
+        "{err}"
+    );
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn invalid_values_are_all_explained() {
+    let (code, _, err) = dgpo(&[
+        "train",
+        "-c",
+        "configs/geneval.toml",
+        "--dry-run",
+        "--set",
+        "sample.batch_size=12",
+        "--set",
+        "train.clip_range=2",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("sample.group_size = 16 does not divide sample.batch_size = 12"),
+        "{err}"
+    );
+    assert!(
+        err.contains("train.clip_range = 2 must be in [0, 1)"),
+        "{err}"
+    );
+}
+
+#[test]
+fn missing_config_file_and_bad_device_are_clear() {
+    let (code, _, err) = dgpo(&["train", "-c", "configs/nope.toml", "--dry-run"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("configs/nope.toml"), "{err}");
+    let (code, _, err) = dgpo(&[
+        "--device",
+        "gpu0",
+        "train",
+        "-c",
+        "configs/geneval.toml",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 1);
+    assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+}
+
+#[test]
+fn help_shows_an_example_per_command() {
+    for cmd in ["train", "sample", "export", "pretrain"] {
+        let (code, out, _) = dgpo(&[cmd, "--help"]);
+        assert_eq!(code, 0);
+        assert!(
+            out.contains(&format!("dgpo {cmd} --config")),
+            "{cmd}: {out}"
+        );
+    }
+    assert!(Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("configs/geneval.toml")
+        .exists());
+}
