@@ -242,3 +242,110 @@ fn model_layers_agree_with_the_config_enumeration() {
         .iter()
         .all(|(k, _)| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight")));
 }
+
+#[test]
+fn half_precision_files_load_into_an_f32_model() {
+    let io = io("sd3", DType::F32);
+    let src_dir = fixture("sd3/transformer");
+    let tensors = candle_core::safetensors::load(
+        src_dir.join("diffusion_pytorch_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    for dt in [DType::BF16, DType::F16] {
+        let dir = std::env::temp_dir().join(format!("dgpo-half-{dt:?}-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::copy(src_dir.join("config.json"), dir.join("config.json")).unwrap();
+        let half: std::collections::HashMap<String, candle_core::Tensor> = tensors
+            .iter()
+            .map(|(k, v)| (k.clone(), v.to_dtype(dt).unwrap()))
+            .collect();
+        candle_core::safetensors::save(&half, dir.join("diffusion_pytorch_model.safetensors"))
+            .unwrap();
+        let m = load_transformer(
+            &WeightSource::from_path(&dir, None).unwrap(),
+            &Trainable::None,
+            DType::F32,
+            &Device::Cpu,
+        )
+        .unwrap();
+        let out = m
+            .forward(
+                &io["x"],
+                &io["t"],
+                &io["context"],
+                &io["pooled"],
+                Weights::Policy,
+            )
+            .unwrap();
+        assert_eq!(out.dtype(), DType::F32);
+        let e = max_abs_diff(&out, &io["out"]);
+        println!("{dt:?} file, f32 compute: max abs error {e:.3} (weight rounding only)");
+        assert!(e > 0.0 && e < 0.2, "{dt:?}: {e}");
+        std::fs::remove_dir_all(&dir).ok();
+    }
+}
+
+#[test]
+fn diffusers_lora_file_with_transformer_prefix_loads_like_peft() {
+    // diffusers' `save_lora_weights` writes `transformer.<module>.lora_A.weight` without a config.
+    let io = io("sd35_large", DType::F32);
+    let raw = candle_core::safetensors::load(
+        fixture("sd35_large/lora/adapter_model.safetensors"),
+        &Device::Cpu,
+    )
+    .unwrap();
+    let renamed: std::collections::HashMap<String, candle_core::Tensor> = raw
+        .into_iter()
+        .map(|(k, v)| (k.replace("base_model.model.", "transformer."), v))
+        .collect();
+    let f = std::env::temp_dir().join(format!("dgpo-lora-{}.safetensors", std::process::id()));
+    candle_core::safetensors::save(&renamed, &f).unwrap();
+    let lf = dgpo::model::lora::load_lora(&f, &Device::Cpu, Some(8.0)).unwrap();
+    std::fs::remove_file(&f).ok();
+    assert_eq!((lf.spec.rank, lf.spec.alpha), (4, 8.0));
+    let src = WeightSource::from_path(&fixture("sd35_large"), None).unwrap();
+    let m = load_transformer(
+        &src,
+        &Trainable::Lora {
+            spec: lf.spec.clone(),
+            seed: 0,
+        },
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    m.set_lora(&lf.modules).unwrap();
+    let on = m
+        .forward(
+            &io["x"],
+            &io["t"],
+            &io["context"],
+            &io["pooled"],
+            Weights::Policy,
+        )
+        .unwrap();
+    assert!(max_abs_diff(&on, &io["out_lora"]) <= TOL);
+}
+
+#[test]
+fn lora_for_another_base_is_rejected_with_shapes() {
+    // The sd3 fixture's adapter has the same rank but the models differ in layers: loading the
+    // sd35_medium adapter into the sd3 model must name the module and shapes, or the extra modules.
+    let lf = lora_file("sd35_medium");
+    let mut spec = lf.spec.clone();
+    spec.rank = 2; // a different-rank adapter set on the model
+    let src = WeightSource::from_path(&fixture("sd3"), None).unwrap();
+    let m = load_transformer(
+        &src,
+        &Trainable::Lora { spec, seed: 0 },
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap();
+    let e = m.set_lora(&lf.modules).unwrap_err().to_string();
+    assert!(
+        e.contains("expected A [2, 32]") && e.contains("another base model"),
+        "{e}"
+    );
+}
