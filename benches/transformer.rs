@@ -155,7 +155,7 @@ fn main() {
 
         let fwd = time(
             || {
-                lora.forward(&x, &t, &ctx, &pooled, Weights::Reference)
+                lora.forward(&x, &t, &ctx, &pooled, Weights::PolicyNoGrad)
                     .unwrap();
             },
             5,
@@ -182,7 +182,7 @@ fn main() {
             flops / 1e9
         );
         println!(
-            "  forward (no grad)      {:>8.2} ms/sample  {:>6.1} GFLOP/s",
+            "  LoRA forward (no grad) {:>8.2} ms/sample  {:>6.1} GFLOP/s",
             per(fwd),
             flops * b as f64 / fwd / 1e9
         );

@@ -8,6 +8,12 @@ use anyhow::{bail, Result};
 use candle_core::Device;
 
 /// Parse `cpu`, `cuda` or `cuda:N`.
+///
+/// ```
+/// assert!(dgpo::device("cpu").unwrap().is_cpu());
+/// let err = dgpo::device("gpu").unwrap_err().to_string();
+/// assert!(err.contains("expected cpu, cuda or cuda:N"));
+/// ```
 pub fn device(spec: &str) -> Result<Device> {
     let spec = spec.trim();
     if spec == "cpu" {

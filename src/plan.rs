@@ -87,6 +87,23 @@ impl Plan {
             "  optimizer steps {} per epoch, {} in the run",
             self.optimizer_steps_per_epoch, cfg.run.num_epochs
         );
+        for (key, path) in [
+            ("prompts.train", &cfg.prompts.train),
+            ("prompts.test", &cfg.prompts.test),
+        ] {
+            let _ = match path {
+                None => writeln!(o, "{key}: not set"),
+                Some(p) => match std::fs::read_to_string(p) {
+                    Ok(t) => writeln!(
+                        o,
+                        "{key}: {} ({} non-empty lines)",
+                        p.display(),
+                        t.lines().filter(|l| !l.trim().is_empty()).count()
+                    ),
+                    Err(e) => writeln!(o, "{key}: {} cannot be read: {e}", p.display()),
+                },
+            };
+        }
         match &self.model {
             None => {
                 let _ = writeln!(

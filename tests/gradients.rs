@@ -7,15 +7,7 @@ use common::*;
 use dgpo::model::{load_transformer, MMDiT, Trainable, WeightSource, Weights};
 
 fn loss(m: &MMDiT, io: &std::collections::HashMap<String, Tensor>, r: &Tensor) -> Tensor {
-    let out = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Policy,
-        )
-        .unwrap();
+    let out = forward(m, io, Weights::Policy);
     (out * r).unwrap().sum_all().unwrap()
 }
 
@@ -119,15 +111,7 @@ fn full_finetune_gradients_match_finite_differences() {
     let worst = check(&m, &pick, &io);
     println!("full fine-tune: worst relative error {worst:.2e}");
     // The reference weights stay where they were.
-    let r = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Reference,
-        )
-        .unwrap();
+    let r = forward(&m, &io, Weights::Reference);
     assert!(max_abs_diff(&r, &io["out"]) < 2e-5);
 }
 
@@ -147,4 +131,16 @@ fn frozen_base_weights_get_no_gradient() {
     for (n, v) in m.trainable_vars() {
         assert!(grads.get(v.as_tensor()).is_some(), "{n} got no gradient");
     }
+}
+
+#[test]
+fn no_grad_policy_gives_the_same_output_without_a_graph() {
+    let io = io("sd35_medium", DType::F32);
+    let m = model_with_lora("sd35_medium", DType::F32);
+    let a = forward(&m, &io, Weights::Policy);
+    let b = forward(&m, &io, Weights::PolicyNoGrad);
+    assert!(a.track_op(), "the training forward must record a graph");
+    assert!(!b.track_op(), "the no-grad forward must not");
+    assert!(max_abs_diff(&a, &b) < 1e-5);
+    assert!(max_abs_diff(&b, &io["out_lora"]) < 1e-4);
 }

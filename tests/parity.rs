@@ -15,36 +15,12 @@ fn check_variant(variant: &str) {
     let io = io(variant, DType::F32);
     let src = WeightSource::from_path(&fixture(variant), None).unwrap();
     let base = load_transformer(&src, &Trainable::None, DType::F32, &Device::Cpu).unwrap();
-    let out = base
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Policy,
-        )
-        .unwrap();
+    let out = forward(&base, &io, Weights::Policy);
     let e_base = max_abs_diff(&out, &io["out"]);
 
     let m = model_with_lora(variant, DType::F32);
-    let on = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Policy,
-        )
-        .unwrap();
-    let off = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Reference,
-        )
-        .unwrap();
+    let on = forward(&m, &io, Weights::Policy);
+    let off = forward(&m, &io, Weights::Reference);
     let e_on = max_abs_diff(&on, &io["out_lora"]);
     let e_off = max_abs_diff(&off, &io["out"]);
     println!("{variant}: max abs error base {e_base:.2e}, adapter on {e_on:.2e}, adapter off {e_off:.2e}");
@@ -59,13 +35,8 @@ fn check_variant(variant: &str) {
     // (a wrong eps, order or constant shows up at 1e-3 or more).
     let io64 = common::io(variant, DType::F64);
     let m = model_with_lora(variant, DType::F64);
-    let args = (&io64["x"], &io64["t"], &io64["context"], &io64["pooled"]);
-    let on = m
-        .forward(args.0, args.1, args.2, args.3, Weights::Policy)
-        .unwrap();
-    let off = m
-        .forward(args.0, args.1, args.2, args.3, Weights::Reference)
-        .unwrap();
+    let on = forward(&m, &io64, Weights::Policy);
+    let off = forward(&m, &io64, Weights::Reference);
     let (e_on, e_off) = (
         max_abs_diff(&on, &io64["out_lora"]),
         max_abs_diff(&off, &io64["out"]),
@@ -102,15 +73,7 @@ fn parity_stabilityai_single_file_through_the_name_map() {
     )
     .unwrap();
     let m = load_transformer(&src, &Trainable::None, DType::F32, &Device::Cpu).unwrap();
-    let out = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Policy,
-        )
-        .unwrap();
+    let out = forward(&m, &io, Weights::Policy);
     let e = max_abs_diff(&out, &io["out"]);
     println!("single file: max abs error {e:.2e}");
     assert!(e <= TOL, "{e}");
@@ -122,15 +85,7 @@ fn parity_bf16_and_f16_storage_stay_close() {
     let src = WeightSource::from_path(&fixture("sd3"), None).unwrap();
     for dt in [DType::BF16, DType::F16] {
         let m = load_transformer(&src, &Trainable::None, dt, &Device::Cpu).unwrap();
-        let out = m
-            .forward(
-                &io["x"],
-                &io["t"],
-                &io["context"],
-                &io["pooled"],
-                Weights::Policy,
-            )
-            .unwrap();
+        let out = forward(&m, &io, Weights::Policy);
         assert_eq!(out.dtype(), dt);
         let e = max_abs_diff(&out, &io["out"]);
         let scale = max_abs_diff(&io["out"], &io["out"].zeros_like().unwrap());
@@ -269,15 +224,7 @@ fn half_precision_files_load_into_an_f32_model() {
             &Device::Cpu,
         )
         .unwrap();
-        let out = m
-            .forward(
-                &io["x"],
-                &io["t"],
-                &io["context"],
-                &io["pooled"],
-                Weights::Policy,
-            )
-            .unwrap();
+        let out = forward(&m, &io, Weights::Policy);
         assert_eq!(out.dtype(), DType::F32);
         let e = max_abs_diff(&out, &io["out"]);
         println!("{dt:?} file, f32 compute: max abs error {e:.3} (weight rounding only)");
@@ -316,15 +263,7 @@ fn diffusers_lora_file_with_transformer_prefix_loads_like_peft() {
     )
     .unwrap();
     m.set_lora(&lf.modules).unwrap();
-    let on = m
-        .forward(
-            &io["x"],
-            &io["t"],
-            &io["context"],
-            &io["pooled"],
-            Weights::Policy,
-        )
-        .unwrap();
+    let on = forward(&m, &io, Weights::Policy);
     assert!(max_abs_diff(&on, &io["out_lora"]) <= TOL);
 }
 

@@ -108,11 +108,15 @@ impl LoraAdapter {
         })
     }
 
-    /// `scale · (x Aᵀ) Bᵀ` for a 2-D `x`.
-    pub fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
-        let x = x.to_dtype(self.a.dtype())?;
-        let h = x.matmul(&self.a.as_tensor().t()?)?;
-        h.matmul(&self.b.as_tensor().t()?)? * self.scale
+    /// `scale · (x Aᵀ) Bᵀ` for a 2-D `x`; `track` records the graph for backward.
+    pub fn forward(&self, x: &Tensor, track: bool) -> candle_core::Result<Tensor> {
+        let (a, b) = if track {
+            (self.a.as_tensor().clone(), self.b.as_tensor().clone())
+        } else {
+            (self.a.as_tensor().detach(), self.b.as_tensor().detach())
+        };
+        let x = x.to_dtype(a.dtype())?;
+        x.matmul(&a.t()?)?.matmul(&b.t()?)? * self.scale
     }
 
     pub fn rank(&self) -> usize {

@@ -56,3 +56,9 @@ pub fn model_with_lora(variant: &str, dtype: DType) -> MMDiT {
     m.set_lora(&lf.modules).unwrap();
     m
 }
+
+/// The model on a fixture's inputs.
+pub fn forward(m: &MMDiT, io: &HashMap<String, Tensor>, w: dgpo::model::Weights) -> Tensor {
+    m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], w)
+        .unwrap()
+}
