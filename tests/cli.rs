@@ -123,3 +123,46 @@ fn help_shows_an_example_per_command() {
         .join("configs/geneval.toml")
         .exists());
 }
+
+#[test]
+fn dry_run_finds_a_hub_model_in_the_local_cache_without_network() {
+    // The Hugging Face cache layout: hub/models--org--name/{refs/main, snapshots/<rev>/...}.
+    let home = std::env::temp_dir().join(format!("dgpo-hf-{}", std::process::id()));
+    let repo = home.join("hub/models--acme--tiny-sd3");
+    let snap = repo.join("snapshots/abc123/transformer");
+    std::fs::create_dir_all(&snap).unwrap();
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "abc123").unwrap();
+    std::fs::copy(
+        Path::new(env!("CARGO_MANIFEST_DIR"))
+            .join("tests/fixtures/parity/sd3/transformer/config.json"),
+        snap.join("config.json"),
+    )
+    .unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_dgpo"))
+        .args([
+            "train",
+            "-c",
+            "configs/geneval.toml",
+            "--dry-run",
+            "--set",
+            "model.pretrained=acme/tiny-sd3",
+        ])
+        .current_dir(env!("CARGO_MANIFEST_DIR"))
+        .env("HF_HOME", &home)
+        .env("HF_HUB_OFFLINE", "1")
+        .output()
+        .unwrap();
+    std::fs::remove_dir_all(&home).ok();
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        stdout.contains("snapshots/abc123/transformer/config.json"),
+        "{stdout}"
+    );
+    assert!(stdout.contains("parameters"), "{stdout}");
+}

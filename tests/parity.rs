@@ -288,3 +288,18 @@ fn lora_for_another_base_is_rejected_with_shapes() {
         "{e}"
     );
 }
+
+#[test]
+fn wrong_input_shapes_are_reported_in_the_callers_terms() {
+    let io = io("sd3", DType::F32);
+    let m = model_with_lora("sd3", DType::F32);
+    let ctx = io["context"].narrow(2, 0, 10).unwrap();
+    let e = m
+        .forward(&io["x"], &io["t"], &ctx, &io["pooled"], Weights::Policy)
+        .unwrap_err()
+        .to_string();
+    assert!(
+        e.contains("context [2, 7, 10] (expected [B, L, 24])"),
+        "{e}"
+    );
+}

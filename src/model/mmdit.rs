@@ -443,6 +443,7 @@ impl MMDiT {
         w: Weights,
     ) -> Result<Tensor> {
         let (bsz, c, h, wd) = x.dims4()?;
+        self.check_inputs(x, t, context, pooled)?;
         let p = self.cfg.patch_size;
         if h % p != 0 || wd % p != 0 {
             anyhow::bail!("latent size {h}×{wd} is not divisible by the patch size {p}");
@@ -503,6 +504,39 @@ impl MMDiT {
             .reshape((bsz, gh, gw, p, p, co))?
             .permute((0, 5, 1, 3, 2, 4))?
             .reshape((bsz, co, h, wd))?)
+    }
+
+    /// Shape errors in the caller's terms rather than a matmul mismatch deep inside.
+    fn check_inputs(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let b = x.dim(0)?;
+        let ok = x.dim(1)? == c.in_channels
+            && t.dims() == [b]
+            && context.rank() == 3
+            && context.dim(0)? == b
+            && context.dim(2)? == c.joint_attention_dim
+            && pooled.dims() == [b, c.pooled_projection_dim];
+        if !ok {
+            anyhow::bail!(
+                "transformer inputs have the wrong shapes: latents {:?} (expected [B, {}, H, W]), \
+                 timesteps {:?} (expected [B]), context {:?} (expected [B, L, {}]), pooled {:?} \
+                 (expected [B, {}])",
+                x.dims(),
+                c.in_channels,
+                t.dims(),
+                context.dims(),
+                c.joint_attention_dim,
+                pooled.dims(),
+                c.pooled_projection_dim
+            );
+        }
+        Ok(())
     }
 
     /// Every linear layer, in checkpoint order.
