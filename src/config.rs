@@ -1,7 +1,7 @@
 //! The run configuration: TOML with the paper's names, every default defined here and only here,
 //! `--set key.path=value` overrides, and a validation pass that explains each rejected value.
 
-use crate::model::lora::{LoraInit, DEFAULT_TARGETS};
+use crate::model::lora::{LoraInit, LoraSpec, DEFAULT_TARGETS};
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
 use std::path::{Path, PathBuf};
@@ -114,6 +114,19 @@ impl Default for LoraConfig {
             alpha: 128.0,
             targets: DEFAULT_TARGETS.iter().map(|s| s.to_string()).collect(),
             init: LoraInit::Gaussian,
+        }
+    }
+}
+
+impl LoraConfig {
+    /// The adapter shape this section describes.
+    pub fn spec(&self) -> LoraSpec {
+        LoraSpec {
+            rank: self.rank,
+            alpha: self.alpha,
+            targets: self.targets.clone(),
+            init: self.init,
+            use_rslora: false,
         }
     }
 }

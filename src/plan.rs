@@ -2,7 +2,6 @@
 //! rough memory estimate. Printed by `dgpo train --dry-run`.
 
 use crate::config::Config;
-use crate::model::lora::LoraSpec;
 use crate::model::TransformerConfig;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
@@ -127,6 +126,13 @@ impl Plan {
                         "full fine-tune".into()
                     }
                 );
+                if cfg.lora.enabled && m.trainable_params == 0 {
+                    let _ = writeln!(
+                        o,
+                        "  WARNING: lora.targets = {:?} match no linear layer of this model; training would fail",
+                        cfg.lora.targets
+                    );
+                }
                 let _ = writeln!(
                     o,
                     "  tokens          {} image + {} text per sample",
@@ -160,13 +166,7 @@ fn count(n: usize) -> String {
 
 fn model_plan(cfg: &Config, source: PathBuf, m: &TransformerConfig) -> ModelPlan {
     let base = m.num_params() + m.pos_embed_max_size.pow(2) * m.inner_dim();
-    let spec = LoraSpec {
-        rank: cfg.lora.rank,
-        alpha: cfg.lora.alpha,
-        targets: cfg.lora.targets.clone(),
-        init: cfg.lora.init,
-        use_rslora: false,
-    };
+    let spec = cfg.lora.spec();
     let trainable = if cfg.lora.enabled {
         m.num_lora_params(cfg.lora.rank, |n| spec.targets_module(n))
     } else {

@@ -303,3 +303,22 @@ fn wrong_input_shapes_are_reported_in_the_callers_terms() {
         "{e}"
     );
 }
+
+#[test]
+fn lora_targets_that_match_nothing_are_an_error() {
+    let mut spec = lora_file("sd3").spec;
+    spec.targets = vec!["attn.to_qq".into()];
+    let src = WeightSource::from_path(&fixture("sd3"), None).unwrap();
+    let e = load_transformer(
+        &src,
+        &Trainable::Lora { spec, seed: 0 },
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        e.contains("attn.to_qq") && e.contains("match no linear layer"),
+        "{e}"
+    );
+}

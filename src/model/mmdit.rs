@@ -411,6 +411,17 @@ impl MMDiT {
         let norm_out = b.linear("norm_out.linear", d, 2 * d)?;
         let proj_out = b.linear("proj_out", d, p * p * cfg.out_channels)?;
         w.finish()?;
+        if let Trainable::Lora { spec, .. } = trainable {
+            let names = cfg.linear_shapes();
+            if !names.iter().any(|(n, _, _)| spec.targets_module(n)) {
+                anyhow::bail!(
+                    "lora.targets = {:?} match no linear layer of this model (names are diffusers module \
+                     names or suffixes such as \"attn.to_q\"; e.g. {})",
+                    spec.targets,
+                    names.iter().skip(6).take(4).map(|(n, _, _)| n.as_str()).collect::<Vec<_>>().join(", ")
+                );
+            }
+        }
         Ok(Self {
             cfg: cfg.clone(),
             dtype,
