@@ -1,6 +1,7 @@
 //! The SD3-family transformer and everything needed to load, adapt and train it.
 //! Knows nothing about rewards or RL.
 
+mod block;
 pub mod config;
 pub mod init;
 pub mod linear;
