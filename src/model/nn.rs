@@ -118,22 +118,29 @@ impl CustomOp2 for FrozenMatmul {
     }
 }
 
+/// Largest absolute elementwise difference, computed in f64 (parity checks, tests).
+pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> Result<f64> {
+    if a.dims() != b.dims() {
+        candle_core::bail!(
+            "max_abs_diff: shapes {:?} and {:?} differ",
+            a.dims(),
+            b.dims()
+        );
+    }
+    (a.to_dtype(DType::F64)? - b.to_dtype(DType::F64)?)?
+        .abs()?
+        .flatten_all()?
+        .max(0)?
+        .to_scalar::<f64>()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use candle_core::{Device, Var};
 
-    fn close(a: &Tensor, b: &Tensor, tol: f32) {
-        let d = (a - b)
-            .unwrap()
-            .abs()
-            .unwrap()
-            .flatten_all()
-            .unwrap()
-            .max(0)
-            .unwrap()
-            .to_scalar::<f32>()
-            .unwrap();
+    fn close(a: &Tensor, b: &Tensor, tol: f64) {
+        let d = max_abs_diff(a, b).unwrap();
         assert!(d <= tol, "max abs diff {d} > {tol}");
     }
 

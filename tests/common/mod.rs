@@ -22,17 +22,7 @@ pub fn io(variant: &str, dtype: DType) -> HashMap<String, Tensor> {
 }
 
 pub fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
-    assert_eq!(a.dims(), b.dims());
-    (a.to_dtype(DType::F64).unwrap() - b.to_dtype(DType::F64).unwrap())
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f64>()
-        .unwrap()
+    dgpo::model::nn::max_abs_diff(a, b).unwrap()
 }
 
 pub fn lora_file(variant: &str) -> LoraFile {
