@@ -373,46 +373,30 @@ impl Config {
             t.num_train_timesteps,
             t.trunc_steps + 1
         ));
-        need(
-            t.learning_rate > 0.0,
-            format!("train.learning_rate = {} must be positive", t.learning_rate),
-        );
         for (k, v) in [("adam_beta1", t.adam_beta1), ("adam_beta2", t.adam_beta2)] {
             need(
                 (0.0..1.0).contains(&v),
                 format!("train.{k} = {v} must be in [0, 1)"),
             );
         }
-        need(
-            t.adam_weight_decay >= 0.0,
-            format!(
-                "train.adam_weight_decay = {} must be ≥ 0",
-                t.adam_weight_decay
-            ),
-        );
-        need(
-            t.adam_epsilon > 0.0,
-            format!("train.adam_epsilon = {} must be positive", t.adam_epsilon),
-        );
-        need(
-            t.max_grad_norm > 0.0,
-            format!("train.max_grad_norm = {} must be positive", t.max_grad_norm),
-        );
-        need(
-            t.beta_dpo > 0.0,
-            format!("train.beta_dpo = {} must be positive", t.beta_dpo),
-        );
-        need(
-            t.beta_kl >= 0.0,
-            format!("train.beta_kl = {} must be ≥ 0", t.beta_kl),
-        );
+        for (k, v) in [
+            ("learning_rate", t.learning_rate),
+            ("adam_epsilon", t.adam_epsilon),
+            ("max_grad_norm", t.max_grad_norm),
+            ("beta_dpo", t.beta_dpo),
+            ("adv_clip_max", t.adv_clip_max),
+        ] {
+            need(v > 0.0, format!("train.{k} = {v} must be positive"));
+        }
+        for (k, v) in [
+            ("adam_weight_decay", t.adam_weight_decay),
+            ("beta_kl", t.beta_kl),
+        ] {
+            need(v >= 0.0, format!("train.{k} = {v} must be ≥ 0"));
+        }
         need(
             t.clip_range >= 0.0 && t.clip_range < 1.0,
             format!("train.clip_range = {} must be in [0, 1)", t.clip_range),
-        );
-        need(
-            t.adv_clip_max > 0.0,
-            format!("train.adv_clip_max = {} must be positive", t.adv_clip_max),
         );
         need(
             t.kl_cfg >= 1.0,
