@@ -1,8 +1,10 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
 pub mod config;
+pub mod geneval;
 pub mod model;
 pub mod plan;
+pub mod shapes;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

@@ -1,0 +1,1 @@
+//! GenEval scoring (see issue 3): generic over a list of detections.

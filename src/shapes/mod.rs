@@ -1,0 +1,1 @@
+//! The shapes testbed world (issue 3): scenes, prompts, detector.
