@@ -152,6 +152,60 @@ pub fn read_metadata(path: &Path) -> Result<Vec<Metadata>> {
     Ok(out)
 }
 
+/// One metadata line in the style of GenEval's files (Python's `json.dumps`: `", "` and `": "`
+/// separators, keys in the order tag, include (class, count, color?, position?), exclude?, prompt).
+pub fn metadata_json_line(meta: &Metadata) -> String {
+    struct PythonStyle;
+    impl serde_json::ser::Formatter for PythonStyle {
+        fn begin_array_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
+        }
+        fn begin_object_key<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+            first: bool,
+        ) -> std::io::Result<()> {
+            if first {
+                Ok(())
+            } else {
+                writer.write_all(b", ")
+            }
+        }
+        fn begin_object_value<W: ?Sized + std::io::Write>(
+            &mut self,
+            writer: &mut W,
+        ) -> std::io::Result<()> {
+            writer.write_all(b": ")
+        }
+    }
+    let mut buf = Vec::new();
+    let mut ser = serde_json::Serializer::with_formatter(&mut buf, PythonStyle);
+    meta.serialize(&mut ser)
+        .expect("metadata always serializes");
+    String::from_utf8(buf).expect("serde_json writes UTF-8")
+}
+
+/// Write metadata as JSON lines ([`metadata_json_line`]), atomically (temporary file + rename).
+pub fn write_metadata(path: &Path, metas: &[Metadata]) -> Result<()> {
+    let mut text = String::new();
+    for m in metas {
+        text.push_str(&metadata_json_line(m));
+        text.push('\n');
+    }
+    let tmp = path.with_extension("jsonl.tmp");
+    std::fs::write(&tmp, text).with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+}
+
 /// One detected object.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Detection {
@@ -637,6 +691,13 @@ mod tests {
             let err = format!("{:#}", parse_metadata_line(line).unwrap_err());
             assert!(err.contains(want), "{line}: {err}");
         }
+    }
+
+    #[test]
+    fn json_line_in_genevals_style() {
+        let line = r#"{"tag": "counting", "include": [{"class": "wine glass", "count": 2}], "exclude": [{"class": "wine glass", "count": 3}], "prompt": "a photo of two wine glasses"}"#;
+        assert_eq!(metadata_json_line(&meta(line)), line);
+        assert_eq!(metadata_json_line(&meta(POS)), POS);
     }
 
     #[test]
