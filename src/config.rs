@@ -149,6 +149,8 @@ pub struct SampleConfig {
     pub num_batches_per_epoch: usize,
     /// Images per evaluation batch.
     pub eval_batch_size: usize,
+    /// Images per test prompt in evaluations (each with its own fixed noise).
+    pub eval_images_per_prompt: usize,
 }
 
 impl Default for SampleConfig {
@@ -163,6 +165,7 @@ impl Default for SampleConfig {
             batch_size: 16,
             num_batches_per_epoch: 8,
             eval_batch_size: 16,
+            eval_images_per_prompt: 1,
         }
     }
 }
@@ -252,6 +255,74 @@ fn one() -> f64 {
     1.0
 }
 
+/// How pretraining draws flow-matching timesteps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TimestepSampling {
+    /// SD3's logit-normal: `σ = sigmoid(n)`, `n ~ N(logit_mean, logit_std²)`.
+    LogitNormal,
+    /// `σ ~ U(0, 1)`.
+    Uniform,
+}
+
+/// Flow-matching pretraining of the shapes-testbed model (`dgpo pretrain`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct PretrainConfig {
+    /// Diffusers `config.json` of the transformer to build from scratch.
+    pub transformer_config: PathBuf,
+    /// `config.json` of the text encoder to build from scratch.
+    pub text_encoder_config: PathBuf,
+    /// WordLevel `tokenizer.json`.
+    pub tokenizer: PathBuf,
+    /// Optimizer steps.
+    pub steps: usize,
+    /// Freshly rendered scenes per step.
+    pub batch_size: usize,
+    pub learning_rate: f64,
+    /// Linear learning-rate warm-up steps.
+    pub warmup_steps: usize,
+    pub weight_decay: f64,
+    pub max_grad_norm: f64,
+    /// Probability of training on the empty prompt (makes classifier-free guidance possible).
+    pub caption_dropout: f64,
+    pub timestep_sampling: TimestepSampling,
+    pub logit_mean: f64,
+    pub logit_std: f64,
+    /// Decay of the weight EMA that is evaluated and saved.
+    pub ema_decay: f64,
+    /// Steps between evaluations of the GenEval-shapes score (0 = only at the end).
+    pub eval_every: usize,
+    /// Steps between checkpoints.
+    pub save_every: usize,
+    /// Steps between log lines.
+    pub log_every: usize,
+}
+
+impl Default for PretrainConfig {
+    fn default() -> Self {
+        Self {
+            transformer_config: PathBuf::from("configs/shapes/transformer.json"),
+            text_encoder_config: PathBuf::from("configs/shapes/text_encoder.json"),
+            tokenizer: PathBuf::from("configs/shapes/tokenizer.json"),
+            steps: 3000,
+            batch_size: 64,
+            learning_rate: 1e-3,
+            warmup_steps: 100,
+            weight_decay: 0.0,
+            max_grad_norm: 1.0,
+            caption_dropout: 0.1,
+            timestep_sampling: TimestepSampling::LogitNormal,
+            logit_mean: 0.0,
+            logit_std: 1.0,
+            ema_decay: 0.999,
+            eval_every: 1000,
+            save_every: 250,
+            log_every: 25,
+        }
+    }
+}
+
 /// The whole configuration of a run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 #[serde(default, deny_unknown_fields)]
@@ -263,6 +334,7 @@ pub struct Config {
     pub train: TrainConfig,
     pub prompts: PromptsConfig,
     pub reward: Vec<RewardConfig>,
+    pub pretrain: PretrainConfig,
 }
 
 impl Config {
@@ -440,6 +512,41 @@ impl Config {
         need(
             m.max_sequence_length >= 1,
             "model.max_sequence_length must be at least 1".into(),
+        );
+        need(
+            s.eval_images_per_prompt >= 1,
+            "sample.eval_images_per_prompt must be at least 1".into(),
+        );
+        let pt = &self.pretrain;
+        for (k, v) in [
+            ("steps", pt.steps),
+            ("batch_size", pt.batch_size),
+            ("save_every", pt.save_every),
+            ("log_every", pt.log_every),
+        ] {
+            need(v >= 1, format!("pretrain.{k} must be at least 1"));
+        }
+        for (k, v) in [
+            ("learning_rate", pt.learning_rate),
+            ("max_grad_norm", pt.max_grad_norm),
+            ("logit_std", pt.logit_std),
+        ] {
+            need(v > 0.0, format!("pretrain.{k} = {v} must be positive"));
+        }
+        need(
+            pt.weight_decay >= 0.0,
+            format!("pretrain.weight_decay = {} must be ≥ 0", pt.weight_decay),
+        );
+        need(
+            (0.0..1.0).contains(&pt.caption_dropout),
+            format!(
+                "pretrain.caption_dropout = {} must be in [0, 1)",
+                pt.caption_dropout
+            ),
+        );
+        need(
+            (0.0..1.0).contains(&pt.ema_decay),
+            format!("pretrain.ema_decay = {} must be in [0, 1)", pt.ema_decay),
         );
         let r = &self.run;
         need(

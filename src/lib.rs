@@ -1,10 +1,17 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
 pub mod config;
+pub mod eval;
 pub mod geneval;
+pub mod io;
 pub mod model;
+pub mod optim;
+pub mod pipeline;
 pub mod plan;
+pub mod pretrain;
+pub mod sampling;
 pub mod shapes;
+pub mod text;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

@@ -71,6 +71,29 @@ enum Command {
     Pretrain {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Run directory (default: run.out_dir of the config).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Continue from the run directory's checkpoint.
+        #[arg(long)]
+        resume: bool,
+    },
+    /// Score a model on the config's test prompts (GenEval-shapes).
+    #[command(
+        after_help = "Example:\n  dgpo eval --config configs/shapes-dgpo.toml --checkpoint runs/shapes/model --json eval.json"
+    )]
+    Eval {
+        #[command(flatten)]
+        cfg: ConfigArgs,
+        /// A shapes pipeline folder (default: model.pretrained of the config).
+        #[arg(long)]
+        checkpoint: Option<PathBuf>,
+        /// Also write the summary as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write a grid of every sampled image (one row per prompt) as PNG here.
+        #[arg(long)]
+        grid: Option<PathBuf>,
     },
 }
 
@@ -137,9 +160,25 @@ fn run(cli: Cli) -> Result<()> {
             Config::load(&cfg.config, &cfg.set)?;
             bail!("`dgpo export` is not implemented yet (issue #5)")
         }
-        Command::Pretrain { cfg } => {
-            let _ = cfg;
-            bail!("`dgpo pretrain` is not implemented yet (issue #3)")
+        Command::Pretrain { cfg, out, resume } => {
+            let config = Config::load(&cfg.config, &cfg.set)?;
+            let out = out.unwrap_or_else(|| dgpo::pretrain::default_out(&config));
+            dgpo::pretrain::run(&config, &out, resume, &device)
+        }
+        Command::Eval {
+            cfg,
+            checkpoint,
+            json,
+            grid,
+        } => {
+            let config = Config::load(&cfg.config, &cfg.set)?;
+            dgpo::eval::run_cli(
+                &config,
+                checkpoint.as_deref(),
+                json.as_deref(),
+                grid.as_deref(),
+                &device,
+            )
         }
     }
 }

@@ -264,6 +264,28 @@ impl MMDiT {
         v
     }
 
+    /// Every tensor under its diffusers name with its current value (trained values for trained
+    /// tensors; adapters are not merged), in the layout `from_pretrained` reads.
+    pub fn state_dict(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = std::collections::HashMap::new();
+        let (d, c, p) = (
+            self.cfg.inner_dim(),
+            self.cfg.in_channels,
+            self.cfg.patch_size,
+        );
+        for (name, param) in self.params() {
+            let t = param.value().detach();
+            let t = if name == "pos_embed.proj.weight" {
+                t.reshape((d, c, p, p))?
+            } else {
+                t
+            };
+            out.insert(name, t);
+        }
+        out.insert("pos_embed.pos_embed".into(), self.pos_embed.clone());
+        Ok(out)
+    }
+
     /// Trainable tensors with their names: LoRA adapters under peft's names
     /// (`<module>.lora_A.weight`), fully trained tensors under their own.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {

@@ -1,0 +1,213 @@
+//! GenEval-shapes evaluation: every test prompt sampled `images_per_prompt` times from fixed noise with
+//! the deterministic ODE sampler, each image scored by the exact detector, summarised per tag. The same
+//! code serves `dgpo eval`, the evaluations inside `dgpo pretrain` and those of `dgpo train`.
+
+use crate::config::{Config, Sampler};
+use crate::geneval::{summarize, Metadata, Outcome, Summary};
+use crate::model::Weights;
+use crate::pipeline::{tensor_to_images, ShapesPipeline};
+use crate::sampling::{euler_sigmas, sample_euler};
+use crate::shapes::{score_image, Image};
+use anyhow::{bail, Result};
+use candle_core::{Device, Tensor};
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+
+/// How an evaluation samples.
+#[derive(Debug, Clone, PartialEq)]
+pub struct EvalSettings {
+    pub num_steps: usize,
+    pub guidance: f64,
+    pub shift: f64,
+    pub images_per_prompt: usize,
+    pub batch_size: usize,
+    /// Seed of the fixed evaluation noise.
+    pub seed: u64,
+}
+
+impl EvalSettings {
+    pub fn from_config(cfg: &Config) -> Result<Self> {
+        if cfg.sample.sampler != Sampler::Euler {
+            bail!(
+                "sample.sampler = {:?}: the shapes evaluation runs the Euler ODE sampler; \
+                 DPM-Solver++ arrives with the training loop (issue 4) — set sample.sampler = \"euler\"",
+                cfg.sample.sampler
+            );
+        }
+        Ok(Self {
+            num_steps: cfg.sample.eval_num_steps,
+            guidance: cfg.sample.guidance_scale,
+            shift: cfg.sample.flow_shift,
+            images_per_prompt: cfg.sample.eval_images_per_prompt,
+            batch_size: cfg.sample.eval_batch_size,
+            seed: cfg.run.seed,
+        })
+    }
+}
+
+/// Initial noise of image `image` of prompt `prompt`: depends only on these and the seed, never on
+/// the batch layout, so two checkpoints are always compared on the same noise.
+pub fn eval_noise(
+    seed: u64,
+    prompt: usize,
+    image: usize,
+    shape: (usize, usize, usize),
+    dev: &Device,
+) -> Result<Tensor> {
+    let key = seed
+        .wrapping_mul(0x9E37_79B9_7F4A_7C15)
+        .wrapping_add((prompt as u64) << 20)
+        .wrapping_add(image as u64);
+    let mut rng = rand::rngs::StdRng::seed_from_u64(key);
+    let n = shape.0 * shape.1 * shape.2;
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok(Tensor::from_vec(v, (1, shape.0, shape.1, shape.2), dev)?)
+}
+
+pub struct EvalResult {
+    pub summary: Summary,
+    /// Prompt-major: images of prompt 0, then prompt 1, …
+    pub images: Vec<Image>,
+    pub outcomes: Vec<Outcome>,
+    pub wall_s: f64,
+}
+
+/// Sample and score every prompt of `metas`. `w` selects the weights (policy, reference).
+pub fn evaluate(
+    pipe: &ShapesPipeline,
+    metas: &[Metadata],
+    s: &EvalSettings,
+    w: Weights,
+    progress: bool,
+) -> Result<EvalResult> {
+    let start = std::time::Instant::now();
+    if metas.is_empty() {
+        bail!("no evaluation prompts");
+    }
+    let dev = pipe.device();
+    let shape = pipe.image_shape();
+    let jobs: Vec<(usize, usize)> = (0..metas.len())
+        .flat_map(|p| (0..s.images_per_prompt).map(move |i| (p, i)))
+        .collect();
+    let sigmas = euler_sigmas(s.num_steps, s.shift);
+    let empty = pipe.encode(&[""])?;
+    let bar = if progress {
+        indicatif::ProgressBar::new(jobs.len() as u64)
+    } else {
+        indicatif::ProgressBar::hidden()
+    };
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "eval {bar:30} {pos}/{len} images [{elapsed_precise}<{eta_precise}]",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let mut images = Vec::with_capacity(jobs.len());
+    for chunk in jobs.chunks(s.batch_size.max(1)) {
+        let prompts: Vec<&str> = chunk
+            .iter()
+            .map(|(p, _)| metas[*p].prompt.as_str())
+            .collect();
+        let cond = pipe.encode(&prompts)?;
+        let uncond = empty.repeat(chunk.len())?;
+        let noise = chunk
+            .iter()
+            .map(|(p, i)| eval_noise(s.seed, *p, *i, shape, &dev))
+            .collect::<Result<Vec<_>>>()?;
+        let noise = Tensor::cat(&noise, 0)?;
+        let x0 = sample_euler(
+            &pipe.transformer,
+            &noise,
+            &cond,
+            Some(&uncond),
+            s.guidance,
+            &sigmas,
+            w,
+        )?;
+        images.extend(tensor_to_images(&x0)?);
+        bar.inc(chunk.len() as u64);
+    }
+    bar.finish_and_clear();
+    let outcomes: Vec<Outcome> = jobs
+        .iter()
+        .zip(&images)
+        .map(|((p, _), im)| score_image(&metas[*p], im))
+        .collect();
+    let summary = summarize(
+        jobs.iter()
+            .zip(&outcomes)
+            .map(|((p, _), o)| (&metas[*p], o)),
+    );
+    Ok(EvalResult {
+        summary,
+        images,
+        outcomes,
+        wall_s: start.elapsed().as_secs_f64(),
+    })
+}
+
+/// `dgpo eval`: load the model, evaluate on `prompts.test`, print the table, optionally write JSON and a
+/// grid.
+pub fn run_cli(
+    cfg: &Config,
+    checkpoint: Option<&std::path::Path>,
+    json: Option<&std::path::Path>,
+    grid: Option<&std::path::Path>,
+    dev: &Device,
+) -> Result<()> {
+    use anyhow::Context;
+    let settings = EvalSettings::from_config(cfg)?;
+    let test = cfg
+        .prompts
+        .test
+        .as_ref()
+        .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
+    let metas = crate::geneval::read_metadata(test)?;
+    let dir = match checkpoint {
+        Some(c) => c.to_path_buf(),
+        None => std::path::PathBuf::from(&cfg.model.pretrained),
+    };
+    let pipe = ShapesPipeline::load(&dir, &crate::model::Trainable::None, dev)
+        .with_context(|| format!("loading the model to evaluate from {}", dir.display()))?;
+    for m in &metas {
+        pipe.tokenizer
+            .encode(&m.prompt)
+            .with_context(|| format!("test prompt in {}", test.display()))?;
+    }
+    tracing::info!(
+        prompts = metas.len(),
+        images_per_prompt = settings.images_per_prompt,
+        steps = settings.num_steps,
+        cfg = settings.guidance,
+        "evaluating {}",
+        dir.display()
+    );
+    let r = evaluate(&pipe, &metas, &settings, Weights::PolicyNoGrad, true)?;
+    println!("{}", r.summary.table());
+    println!(
+        "{} images of {} prompts in {:.1} s",
+        r.images.len(),
+        metas.len(),
+        r.wall_s
+    );
+    if let Some(j) = json {
+        let mut v = serde_json::to_value(&r.summary)?;
+        v["checkpoint"] = dir.display().to_string().into();
+        v["test_prompts"] = test.display().to_string().into();
+        v["images_per_prompt"] = settings.images_per_prompt.into();
+        v["num_steps"] = settings.num_steps.into();
+        v["guidance_scale"] = settings.guidance.into();
+        v["seed"] = settings.seed.into();
+        crate::io::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
+    }
+    if let Some(g) = grid {
+        let img = crate::shapes::grid(&r.images, settings.images_per_prompt, 2);
+        img.to_png(g)?;
+        println!(
+            "grid ({} per row, one row per prompt) in {}",
+            settings.images_per_prompt,
+            g.display()
+        );
+    }
+    Ok(())
+}

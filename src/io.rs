@@ -1,0 +1,111 @@
+//! Crash-safe file output: everything is written to a temporary name in the destination folder and
+//! renamed into place, so a kill or a full disk never leaves a half-written file under the real name.
+
+use anyhow::{Context, Result};
+use candle_core::Tensor;
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn tmp_name(path: &Path) -> PathBuf {
+    let name = path
+        .file_name()
+        .map(|n| n.to_string_lossy().to_string())
+        .unwrap_or_default();
+    path.with_file_name(format!(".{name}.tmp-{}", std::process::id()))
+}
+
+/// Write `bytes` to `path` atomically (temp file, fsync, rename).
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        std::fs::create_dir_all(dir)
+            .with_context(|| format!("creating folder {}", dir.display()))?;
+    }
+    let tmp = tmp_name(path);
+    let res = (|| -> Result<()> {
+        let mut f = std::fs::File::create(&tmp)?;
+        f.write_all(bytes)?;
+        f.sync_all()?;
+        std::fs::rename(&tmp, path)?;
+        Ok(())
+    })();
+    if res.is_err() {
+        let _ = std::fs::remove_file(&tmp);
+    }
+    res.with_context(|| format!("writing {}", path.display()))
+}
+
+/// Save named tensors as safetensors atomically, with string metadata in the header.
+pub fn save_safetensors(
+    path: &Path,
+    tensors: &HashMap<String, Tensor>,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<()> {
+    let mut sorted: Vec<(&String, &Tensor)> = tensors.iter().collect();
+    sorted.sort_by(|a, b| a.0.cmp(b.0));
+    let contiguous: Vec<(String, Tensor)> = sorted
+        .into_iter()
+        .map(|(k, t)| Ok((k.clone(), t.contiguous()?)))
+        .collect::<Result<_>>()?;
+    let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), metadata)
+        .with_context(|| format!("serialising {}", path.display()))?;
+    write_atomic(path, &bytes)
+}
+
+/// Replace the folder `dst` by the fully written folder `staging` (same parent): the old folder is moved
+/// aside first and removed only after the new one is in place.
+pub fn replace_dir(staging: &Path, dst: &Path) -> Result<()> {
+    let old = dst.with_file_name(format!(
+        ".{}.old-{}",
+        dst.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    if dst.exists() {
+        std::fs::rename(dst, &old).with_context(|| format!("moving {} aside", dst.display()))?;
+    }
+    std::fs::rename(staging, dst)
+        .with_context(|| format!("moving {} to {}", staging.display(), dst.display()))?;
+    if old.exists() {
+        std::fs::remove_dir_all(&old).with_context(|| format!("removing {}", old.display()))?;
+    }
+    Ok(())
+}
+
+/// A fresh staging folder next to `dst` for [`replace_dir`].
+pub fn staging_dir(dst: &Path) -> Result<PathBuf> {
+    let s = dst.with_file_name(format!(
+        ".{}.staging-{}",
+        dst.file_name().unwrap_or_default().to_string_lossy(),
+        std::process::id()
+    ));
+    if s.exists() {
+        std::fs::remove_dir_all(&s)?;
+    }
+    std::fs::create_dir_all(&s).with_context(|| format!("creating {}", s.display()))?;
+    Ok(s)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn atomic_writes_and_dir_replacement() {
+        let d = std::env::temp_dir().join(format!("dgpo-io-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&d);
+        let f = d.join("sub/a.txt");
+        write_atomic(&f, b"one").unwrap();
+        write_atomic(&f, b"two").unwrap();
+        assert_eq!(std::fs::read(&f).unwrap(), b"two");
+        let dst = d.join("ckpt");
+        for v in ["1", "2"] {
+            let s = staging_dir(&dst).unwrap();
+            std::fs::write(s.join("v"), v).unwrap();
+            replace_dir(&s, &dst).unwrap();
+            assert_eq!(std::fs::read_to_string(dst.join("v")).unwrap(), v);
+        }
+        let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
+        assert_eq!(leftovers.len(), 2, "only sub/ and ckpt/ remain");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+}

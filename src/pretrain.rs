@@ -1,0 +1,474 @@
+//! `dgpo pretrain`: flow-matching pretraining of the shapes-testbed pipeline (MMDiT + text encoder) on
+//! freshly rendered scenes, as SD3 was trained: `x_σ = (1 − σ)·x0 + σ·ε`, target `ε − x0`, σ drawn
+//! logit-normal (or uniform), captions dropped to the empty prompt with probability `caption_dropout` so
+//! classifier-free guidance works.
+//!
+//! Everything random is drawn from a generator seeded by `(run.seed, step)`, so a run resumed from a
+//! checkpoint continues exactly as the uninterrupted run would have.
+//!
+//! Run folder: `metrics.jsonl` (one JSON object per log line and per evaluation), `checkpoint/` (the
+//! latest, replaced atomically: `model/` = EMA pipeline, `train_state.safetensors` = raw weights, EMA and
+//! AdamW moments, `state.json`), and at the end `model/` (EMA pipeline) and `eval.json`.
+
+use crate::config::{Config, TimestepSampling};
+use crate::eval::{evaluate, EvalSettings};
+use crate::geneval::{read_metadata, Metadata};
+use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
+use crate::model::weights::read_safetensors;
+use crate::model::{TransformerConfig, Weights};
+use crate::optim::{AdamW, AdamWParams};
+use crate::pipeline::{images_to_tensor, ShapesPipeline};
+use crate::shapes::{random_metadata, scene_for};
+use crate::text::{ShapesTokenizer, TextEncoderConfig};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor, Var};
+use rand::{Rng, SeedableRng};
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    step: usize,
+    wall_s: f64,
+    config: String,
+}
+
+/// A training batch drawn for one step.
+pub struct Batch {
+    pub x0: Tensor,
+    pub captions: Vec<String>,
+    pub sigmas: Vec<f32>,
+    pub noise: Tensor,
+}
+
+/// The batch of step `step`: deterministic in `(seed, step)`.
+pub fn make_batch(
+    cfg: &Config,
+    step: usize,
+    shape: (usize, usize, usize),
+    dev: &Device,
+) -> Result<Batch> {
+    let pt = &cfg.pretrain;
+    let mut rng = rand::rngs::StdRng::seed_from_u64(
+        cfg.run.seed ^ (step as u64 + 1).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+    );
+    let mut images = Vec::with_capacity(pt.batch_size);
+    let mut captions = Vec::with_capacity(pt.batch_size);
+    let mut sigmas = Vec::with_capacity(pt.batch_size);
+    for _ in 0..pt.batch_size {
+        let meta = random_metadata(&mut rng);
+        let scene = scene_for(&meta, &mut rng)
+            .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
+        images.push(scene.render());
+        let drop = rng.random::<f64>() < pt.caption_dropout;
+        captions.push(if drop { String::new() } else { meta.prompt });
+        let sigma = match pt.timestep_sampling {
+            TimestepSampling::Uniform => rng.random::<f64>(),
+            TimestepSampling::LogitNormal => {
+                let n: f64 = StandardNormal.sample(&mut rng);
+                1.0 / (1.0 + (-(pt.logit_mean + pt.logit_std * n)).exp())
+            }
+        };
+        sigmas.push(sigma as f32);
+    }
+    let n = pt.batch_size * shape.0 * shape.1 * shape.2;
+    let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    Ok(Batch {
+        x0: images_to_tensor(&images, dev)?,
+        captions,
+        sigmas,
+        noise: Tensor::from_vec(noise, (pt.batch_size, shape.0, shape.1, shape.2), dev)?,
+    })
+}
+
+/// Flow-matching loss of one batch (mean squared velocity error).
+pub fn flow_matching_loss(pipe: &ShapesPipeline, b: &Batch) -> Result<Tensor> {
+    let dev = pipe.device();
+    let n = b.sigmas.len();
+    let sig = Tensor::from_vec(b.sigmas.clone(), (n, 1, 1, 1), &dev)?;
+    let xt = (b.x0.broadcast_mul(&(1.0 - &sig)?)? + b.noise.broadcast_mul(&sig)?)?;
+    let target = (&b.noise - &b.x0)?;
+    let prompts: Vec<&str> = b.captions.iter().map(|s| s.as_str()).collect();
+    let ids = pipe.tokenizer.encode_batch(&prompts, &dev)?;
+    let (ctx, pooled) = pipe.text.forward(&ids, true)?;
+    let t = (sig.flatten_all()? * 1000.0)?;
+    let v = pipe
+        .transformer
+        .forward(&xt, &t, &ctx, &pooled, Weights::Policy)?;
+    Ok((v - target)?.sqr()?.mean_all()?)
+}
+
+/// Linear warm-up, then constant: stopping a run at step N gives exactly the model a run configured
+/// with `steps = N` gives, so a base model can be cut at any step and still be reproduced bit for bit.
+fn lr_at(cfg: &Config, step: usize) -> f64 {
+    let pt = &cfg.pretrain;
+    if step < pt.warmup_steps {
+        return pt.learning_rate * (step + 1) as f64 / pt.warmup_steps as f64;
+    }
+    pt.learning_rate
+}
+
+struct Ema {
+    shadow: Vec<Tensor>,
+}
+
+impl Ema {
+    fn new(vars: &[(String, Var)]) -> Result<Self> {
+        Ok(Self {
+            shadow: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
+        for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
+            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?;
+        }
+        Ok(())
+    }
+
+    /// Put the EMA values into the variables; returns the raw values to restore.
+    fn swap_in(&self, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
+        let mut raw = vec![];
+        for (s, (_, v)) in self.shadow.iter().zip(vars) {
+            raw.push(v.as_tensor().copy()?);
+            v.set(s)?;
+        }
+        Ok(raw)
+    }
+
+    fn restore(raw: Vec<Tensor>, vars: &[(String, Var)]) -> Result<()> {
+        for (r, (_, v)) in raw.into_iter().zip(vars) {
+            v.set(&r)?;
+        }
+        Ok(())
+    }
+}
+
+/// Everything pretraining reads, checked before the first step.
+struct Inputs {
+    tcfg: TransformerConfig,
+    ecfg: TextEncoderConfig,
+    tokenizer: ShapesTokenizer,
+    test: Vec<Metadata>,
+}
+
+fn check_inputs(cfg: &Config) -> Result<Inputs> {
+    let pt = &cfg.pretrain;
+    let tcfg = TransformerConfig::from_json_file(&pt.transformer_config)
+        .with_context(|| "pretrain.transformer_config".to_string())?;
+    tcfg.check()?;
+    let ecfg = TextEncoderConfig::from_json_file(&pt.text_encoder_config)
+        .with_context(|| "pretrain.text_encoder_config".to_string())?;
+    let tokenizer = ShapesTokenizer::from_file(&pt.tokenizer, ecfg.max_length)
+        .with_context(|| "pretrain.tokenizer".to_string())?;
+    if tcfg.sample_size != cfg.model.resolution {
+        bail!(
+            "model.resolution = {} but {} has sample_size = {} (the shapes model works on pixels)",
+            cfg.model.resolution,
+            pt.transformer_config.display(),
+            tcfg.sample_size
+        );
+    }
+    let test_path = cfg
+        .prompts
+        .test
+        .as_ref()
+        .context("prompts.test is not set: pretraining evaluates on the test prompts")?;
+    let test = read_metadata(test_path)?;
+    for m in &test {
+        tokenizer
+            .encode(&m.prompt)
+            .with_context(|| format!("test prompt in {}", test_path.display()))?;
+    }
+    Ok(Inputs {
+        tcfg,
+        ecfg,
+        tokenizer,
+        test,
+    })
+}
+
+fn append_metrics(path: &Path, value: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{value}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Drop metric lines written after the checkpoint a run resumes from.
+fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
+                .is_some_and(|s| s as usize <= step)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+fn eval_json(step: usize, wall_s: f64, r: &crate::eval::EvalResult) -> serde_json::Value {
+    let s = &r.summary;
+    serde_json::json!({
+        "kind": "eval",
+        "step": step,
+        "wall_s": wall_s,
+        "geneval_overall": s.geneval_overall,
+        "strict_accuracy": s.strict_accuracy,
+        "accuracy": s.accuracy,
+        "reward_mean": s.reward_mean,
+        "per_tag": s.per_tag.iter().map(|(k, v)| (k.clone(), serde_json::json!(v.strict_accuracy))).collect::<serde_json::Map<_, _>>(),
+        "eval_s": r.wall_s,
+    })
+}
+
+/// Run (or resume) pretraining into `out`.
+pub fn run(cfg: &Config, out: &Path, resume: bool, dev: &Device) -> Result<()> {
+    run_until(cfg, out, resume, dev, None)
+}
+
+/// As [`run`], but stop after step `stop_at` with a checkpoint, as if the process had been killed right
+/// after it (tests of `--resume`).
+pub fn run_until(
+    cfg: &Config,
+    out: &Path,
+    resume: bool,
+    dev: &Device,
+    stop_at: Option<usize>,
+) -> Result<()> {
+    let inputs = check_inputs(cfg)?;
+    let pt = &cfg.pretrain;
+    let ckpt = out.join("checkpoint");
+    let has_ckpt = ckpt.join("state.json").exists();
+    if has_ckpt && !resume {
+        bail!(
+            "{} already holds a checkpoint: pass --resume to continue it, or choose another --out",
+            out.display()
+        );
+    }
+    if resume && !has_ckpt {
+        bail!("--resume: {} has no checkpoint/state.json", out.display());
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    let settings = EvalSettings::from_config(cfg)?;
+    let pipe = ShapesPipeline::from_scratch(
+        &inputs.tcfg,
+        &inputs.ecfg,
+        inputs.tokenizer.clone(),
+        cfg.run.seed,
+        dev,
+    )?;
+    let mut vars: Vec<(String, Var)> = vec![];
+    for (n, v) in pipe.transformer.trainable_vars() {
+        vars.push((format!("transformer.{n}"), v));
+    }
+    for (n, v) in pipe.text.vars() {
+        vars.push((format!("text_encoder.{n}"), v));
+    }
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            lr: pt.learning_rate,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: pt.weight_decay,
+        },
+    )?;
+    let mut ema = Ema::new(&vars)?;
+    let mut start = 0usize;
+    let mut wall0 = 0f64;
+    let metrics = out.join("metrics.jsonl");
+    if resume {
+        let st: State = serde_json::from_str(
+            &std::fs::read_to_string(ckpt.join("state.json"))
+                .with_context(|| format!("reading {}", ckpt.join("state.json").display()))?,
+        )
+        .with_context(|| format!("parsing {}", ckpt.join("state.json").display()))?;
+        let file = ckpt.join("train_state.safetensors");
+        let mut t = read_safetensors(std::slice::from_ref(&file), dev)?;
+        let mut moments = HashMap::new();
+        for (i, (name, var)) in vars.iter().enumerate() {
+            let raw = t
+                .remove(&format!("raw.{name}"))
+                .with_context(|| format!("{} has no raw.{name}", file.display()))?;
+            let e = t
+                .remove(&format!("ema.{name}"))
+                .with_context(|| format!("{} has no ema.{name}", file.display()))?;
+            if raw.dims() != var.dims() {
+                bail!(
+                    "{}: raw.{name} has shape {:?}, the model {:?} (was the config changed?)",
+                    file.display(),
+                    raw.dims(),
+                    var.dims()
+                );
+            }
+            var.set(&raw)?;
+            ema.shadow[i] = e;
+        }
+        for (k, v) in t {
+            moments.insert(k, v);
+        }
+        opt.load_state(moments, st.step as u64)?;
+        start = st.step;
+        wall0 = st.wall_s;
+        truncate_metrics(&metrics, start)?;
+        tracing::info!(step = start, "resumed from {}", ckpt.display());
+    }
+    tracing::info!(
+        transformer_params = pipe.transformer.num_base_params(),
+        text_encoder_params = pipe.text.num_params(),
+        steps = pt.steps,
+        batch = pt.batch_size,
+        "pretraining the shapes model into {}",
+        out.display()
+    );
+    let shape = pipe.image_shape();
+    let t0 = Instant::now();
+    let bar = indicatif::ProgressBar::new(pt.steps as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(
+            "pretrain {bar:30} {pos}/{len} steps [{elapsed_precise}<{eta_precise}] {msg}",
+        )
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar.set_position(start as u64);
+    let mut loss_acc = 0f64;
+    let mut loss_n = 0usize;
+    let save = |step: usize, wall: f64, opt: &AdamW, ema: &Ema| -> Result<()> {
+        let s = staging_dir(&ckpt)?;
+        let raw = ema.swap_in(&vars)?;
+        let meta = HashMap::from([
+            ("dgpo_step".to_string(), step.to_string()),
+            ("dgpo_weights".to_string(), "ema".to_string()),
+        ]);
+        let saved = pipe.save(&s.join("model"), &meta);
+        Ema::restore(raw, &vars)?;
+        saved?;
+        let mut t = opt.state();
+        for (i, (name, var)) in vars.iter().enumerate() {
+            t.insert(format!("raw.{name}"), var.as_tensor().clone());
+            t.insert(format!("ema.{name}"), ema.shadow[i].clone());
+        }
+        save_safetensors(&s.join("train_state.safetensors"), &t, None)?;
+        let st = State {
+            step,
+            wall_s: wall,
+            config: cfg.to_toml(),
+        };
+        write_atomic(
+            &s.join("state.json"),
+            serde_json::to_string_pretty(&st)?.as_bytes(),
+        )?;
+        replace_dir(&s, &ckpt)?;
+        tracing::debug!(step, "checkpoint written");
+        Ok(())
+    };
+    let run_eval = |step: usize, wall: f64, ema: &Ema| -> Result<crate::eval::EvalResult> {
+        let raw = ema.swap_in(&vars)?;
+        let r = evaluate(&pipe, &inputs.test, &settings, Weights::PolicyNoGrad, false);
+        Ema::restore(raw, &vars)?;
+        let r = r?;
+        append_metrics(&metrics, &eval_json(step, wall, &r))?;
+        bar.println(format!(
+            "step {step}: geneval_overall {:.3}, reward {:.3} ({:.0} s eval)",
+            r.summary.geneval_overall, r.summary.reward_mean, r.wall_s
+        ));
+        Ok(r)
+    };
+    for step in start..pt.steps {
+        let batch = make_batch(cfg, step, shape, dev)?;
+        let loss = flow_matching_loss(&pipe, &batch)?;
+        let lv = loss.to_scalar::<f32>()? as f64;
+        if !lv.is_finite() {
+            bail!("pretraining loss is {lv} at step {step}: lower pretrain.learning_rate");
+        }
+        let grads = loss.backward()?;
+        let mut acc = opt.accum();
+        opt.add(&mut acc, &grads)?;
+        let lr = lr_at(cfg, step);
+        let gn = opt.step(acc, lr, Some(pt.max_grad_norm))?;
+        let decay = pt.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
+        ema.update(&vars, decay)?;
+        loss_acc += lv;
+        loss_n += 1;
+        let done = step + 1;
+        bar.set_position(done as u64);
+        let wall = wall0 + t0.elapsed().as_secs_f64();
+        if done % pt.log_every == 0 || done == pt.steps {
+            let mean = loss_acc / loss_n as f64;
+            bar.set_message(format!("loss {mean:.4}"));
+            append_metrics(
+                &metrics,
+                &serde_json::json!({"kind": "pretrain", "step": done, "wall_s": wall, "loss": mean,
+                    "lr": lr, "grad_norm": gn, "images": done * pt.batch_size}),
+            )?;
+            tracing::debug!(step = done, loss = mean, lr, grad_norm = gn);
+            loss_acc = 0.0;
+            loss_n = 0;
+        }
+        if pt.eval_every > 0 && done % pt.eval_every == 0 && done != pt.steps {
+            run_eval(done, wall, &ema)?;
+        }
+        if done % pt.save_every == 0 || done == pt.steps || Some(done) == stop_at {
+            save(done, wall, &opt, &ema)?;
+        }
+        if Some(done) == stop_at {
+            bar.finish_and_clear();
+            return Ok(());
+        }
+    }
+    bar.finish_and_clear();
+    let wall = wall0 + t0.elapsed().as_secs_f64();
+    let r = run_eval(pt.steps, wall, &ema)?;
+    let model_dir = out.join("model");
+    let raw = ema.swap_in(&vars)?;
+    let meta = HashMap::from([
+        ("dgpo_step".to_string(), pt.steps.to_string()),
+        ("dgpo_weights".to_string(), "ema".to_string()),
+    ]);
+    let saved = pipe.save(&model_dir, &meta);
+    Ema::restore(raw, &vars)?;
+    saved?;
+    let report = serde_json::json!({
+        "steps": pt.steps,
+        "pretrain_wall_s": wall,
+        "summary": r.summary,
+    });
+    write_atomic(
+        &out.join("eval.json"),
+        serde_json::to_string_pretty(&report)?.as_bytes(),
+    )?;
+    println!("{}", r.summary.table());
+    println!(
+        "pretrained {} steps in {:.1} min; model (EMA weights) in {}",
+        pt.steps,
+        wall / 60.0,
+        model_dir.display()
+    );
+    Ok(())
+}
+
+/// Where `dgpo pretrain` writes when no `--out` is given.
+pub fn default_out(cfg: &Config) -> PathBuf {
+    cfg.run.out_dir.clone()
+}

@@ -1,0 +1,190 @@
+//! Pretraining of the shapes model end to end on a tiny configuration: metrics, checkpoints, the saved
+//! pipeline, and `--resume` continuing bit for bit.
+
+use candle_core::Device;
+use dgpo::config::Config;
+use dgpo::model::Trainable;
+use dgpo::pipeline::ShapesPipeline;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dgpo-pretrain-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny pipeline configuration and a 6-prompt test file in `dir`.
+fn tiny_config(dir: &Path, steps: usize) -> Config {
+    let tok = root().join("configs/shapes/tokenizer.json");
+    let vocab = tokenizers::Tokenizer::from_file(&tok)
+        .unwrap()
+        .get_vocab_size(true);
+    std::fs::write(
+        dir.join("transformer.json"),
+        r#"{"sample_size": 32, "patch_size": 4, "in_channels": 3, "out_channels": 3, "num_layers": 1,
+            "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
+            "caption_projection_dim": 16, "pooled_projection_dim": 12, "pos_embed_max_size": 8,
+            "qk_norm": "rms_norm"}"#,
+    )
+    .unwrap();
+    std::fs::write(
+        dir.join("text_encoder.json"),
+        format!(
+            r#"{{"_class_name": "DgpoShapesTextEncoder", "vocab_size": {vocab}, "max_length": 16,
+                "width": 16, "num_layers": 1, "num_heads": 2, "mlp_ratio": 2, "context_dim": 16,
+                "pooled_dim": 12}}"#
+        ),
+    )
+    .unwrap();
+    let test: Vec<String> =
+        std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
+            .unwrap()
+            .lines()
+            .step_by(15)
+            .take(6)
+            .map(String::from)
+            .collect();
+    std::fs::write(dir.join("test.jsonl"), test.join("\n")).unwrap();
+    let text = format!(
+        r#"
+[run]
+seed = 3
+[model]
+resolution = 32
+[sample]
+sampler = "euler"
+eval_num_steps = 2
+eval_batch_size = 4
+eval_images_per_prompt = 1
+[prompts]
+test = "{d}/test.jsonl"
+[pretrain]
+transformer_config = "{d}/transformer.json"
+text_encoder_config = "{d}/text_encoder.json"
+tokenizer = "{tok}"
+steps = {steps}
+batch_size = 4
+warmup_steps = 2
+eval_every = 2
+save_every = 2
+log_every = 1
+"#,
+        d = dir.display(),
+        tok = tok.display()
+    );
+    Config::from_toml(&text, "tiny", &[]).unwrap()
+}
+
+fn model_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
+    let p = ShapesPipeline::load(dir, &Trainable::None, &Device::Cpu).unwrap();
+    let mut all: Vec<(String, candle_core::Tensor)> =
+        p.transformer.state_dict().unwrap().into_iter().collect();
+    all.extend(p.text.tensors());
+    all.sort_by(|a, b| a.0.cmp(&b.0));
+    all.into_iter()
+        .map(|(k, t)| (k, t.flatten_all().unwrap().to_vec1().unwrap()))
+        .collect()
+}
+
+#[test]
+fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly() {
+    let dir = tmp("run");
+    let cfg = tiny_config(&dir, 4);
+    let dev = Device::Cpu;
+    let a = dir.join("a");
+    dgpo::pretrain::run(&cfg, &a, false, &dev).unwrap();
+    let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
+    let lines: Vec<serde_json::Value> = metrics
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let train = lines.iter().filter(|v| v["kind"] == "pretrain").count();
+    let evals: Vec<&serde_json::Value> = lines.iter().filter(|v| v["kind"] == "eval").collect();
+    assert_eq!(train, 4, "{metrics}");
+    assert_eq!(
+        evals.len(),
+        2,
+        "an eval at step 2 and a final one: {metrics}"
+    );
+    for e in &evals {
+        let g = e["geneval_overall"].as_f64().unwrap();
+        assert!((0.0..=1.0).contains(&g));
+        assert!(!e["per_tag"].as_object().unwrap().is_empty());
+    }
+    assert!(a.join("checkpoint/state.json").exists());
+    assert!(a.join("eval.json").exists());
+    let final_model = model_tensors(&a.join("model"));
+    assert_eq!(final_model, model_tensors(&a.join("checkpoint/model")));
+
+    // Running into the same folder again without --resume is refused.
+    let e = dgpo::pretrain::run(&cfg, &a, false, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+
+    // Killed after step 3 (checkpoint at 3), resumed: the same final weights, bit for bit.
+    let b = dir.join("b");
+    dgpo::pretrain::run_until(&cfg, &b, false, &dev, Some(3)).unwrap();
+    assert!(!b.join("model").exists());
+    dgpo::pretrain::run(&cfg, &b, true, &dev).unwrap();
+    assert_eq!(final_model, model_tensors(&b.join("model")));
+    let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
+    assert_eq!(
+        mb.lines().filter(|l| l.contains("\"pretrain\"")).count(),
+        4,
+        "{mb}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn versioned_tokenizer_covers_the_prompt_space_exactly() {
+    let (train, test) = dgpo::shapes::prompt_split();
+    let mut words: Vec<String> = train
+        .iter()
+        .chain(&test)
+        .flat_map(|m| {
+            m.prompt
+                .split_whitespace()
+                .map(String::from)
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    words.sort();
+    words.dedup();
+    let built = dgpo::text::build_tokenizer(&words).unwrap();
+    let path = root().join("configs/shapes/tokenizer.json");
+    if std::env::var("DGPO_REGENERATE").is_ok() {
+        built.save(&path, true).unwrap();
+    }
+    let shipped = tokenizers::Tokenizer::from_file(&path).unwrap_or_else(|e| {
+        panic!(
+            "{}: {e}; regenerate with DGPO_REGENERATE=1 cargo test --test pretrain",
+            path.display()
+        )
+    });
+    assert_eq!(
+        shipped
+            .get_vocab(true)
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        built
+            .get_vocab(true)
+            .into_iter()
+            .collect::<std::collections::BTreeMap<_, _>>(),
+        "the tokenizer is stale; regenerate with DGPO_REGENERATE=1 cargo test --test pretrain"
+    );
+    let enc: serde_json::Value = serde_json::from_str(
+        &std::fs::read_to_string(root().join("configs/shapes/text_encoder.json")).unwrap(),
+    )
+    .unwrap();
+    assert_eq!(
+        enc["vocab_size"].as_u64().unwrap() as usize,
+        shipped.get_vocab_size(true)
+    );
+}
