@@ -3,8 +3,8 @@
 //! Flat coloured shapes on a plain dark background in 32×32 RGB images; prompts in GenEval's exact
 //! metadata schema and wording ([`prompts`]); scenes that satisfy a prompt ([`scene_for`]); an exact
 //! detector that is also tolerant of the blur, noise and off-palette pixels of generated images
-//! ([`detect`]); and [`score_image`], GenEval's scoring ([`crate::geneval::score`]) on its
-//! detections.
+//! ([`detect()`], module [`mod@detect`]); and [`score_image`], GenEval's scoring
+//! ([`crate::geneval::score`]) on its detections.
 //!
 //! * classes: [`CLASSES`] (circle, square, triangle pointing up, diamond), sizes [`SHAPE_SIZES`]
 //!   (odd, so every shape has a centre column and its apex pixel);
