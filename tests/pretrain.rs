@@ -77,7 +77,22 @@ log_every = 1
         d = dir.display(),
         tok = tok.display()
     );
+    std::fs::write(dir.join("tiny.toml"), &text).unwrap();
     Config::from_toml(&text, "tiny", &[]).unwrap()
+}
+
+fn dgpo(args: &[&str]) -> (i32, String, String) {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_dgpo"))
+        .args(args)
+        .current_dir(root())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into(),
+        String::from_utf8_lossy(&out.stderr).into(),
+    )
 }
 
 fn model_tensors(dir: &Path) -> Vec<(String, Vec<f32>)> {
@@ -138,6 +153,52 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
         mb.lines().filter(|l| l.contains("\"pretrain\"")).count(),
         4,
         "{mb}"
+    );
+
+    // `dgpo eval` on the saved model: table, JSON with the documented names, a PNG grid.
+    let cfg_file = dir.join("tiny.toml");
+    let json = dir.join("eval.json");
+    let grid = dir.join("grid.png");
+    let (code, out, err) = dgpo(&[
+        "eval",
+        "--config",
+        cfg_file.to_str().unwrap(),
+        "--checkpoint",
+        a.join("model").to_str().unwrap(),
+        "--json",
+        json.to_str().unwrap(),
+        "--grid",
+        grid.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("color_attr") || out.contains("colors"),
+        "{out}"
+    );
+    let v: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&json).unwrap()).unwrap();
+    for k in [
+        "geneval_overall",
+        "per_tag",
+        "reward_mean",
+        "strict_accuracy",
+    ] {
+        assert!(v.get(k).is_some(), "{k} missing in {v}");
+    }
+    let png = std::fs::read(&grid).unwrap();
+    assert_eq!(&png[1..4], b"PNG");
+    // A folder that is not a shapes pipeline is named in the error.
+    let (code, _, err) = dgpo(&[
+        "eval",
+        "--config",
+        cfg_file.to_str().unwrap(),
+        "--checkpoint",
+        dir.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("not a shapes pipeline folder") && err.contains(dir.to_str().unwrap()),
+        "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();
 }
