@@ -60,7 +60,7 @@ impl AdamW {
     pub fn add(&self, acc: &mut GradAccum, grads: &GradStore) -> Result<()> {
         for (slot, (_, var)) in acc.grads.iter_mut().zip(&self.vars) {
             if let Some(g) = grads.get(var.as_tensor()) {
-                let g = g.to_dtype(DType::F32)?;
+                let g = g.detach().to_dtype(DType::F32)?;
                 *slot = Some(match slot.take() {
                     Some(s) => (s + g)?,
                     None => g,
@@ -98,16 +98,17 @@ impl AdamW {
         let bc2 = 1.0 - p.beta2.powi(t);
         for (i, (_, var)) in self.vars.iter().enumerate() {
             let Some(g) = &acc.grads[i] else { continue };
-            let g = (g * clip)?;
+            // Gradients carry the op graph of the forward pass; moments must not keep it alive.
+            let g = (g.detach() * clip)?;
             let m = ((&self.m[i] * p.beta1)? + (&g * (1.0 - p.beta1))?)?;
             let v = ((&self.v[i] * p.beta2)? + (g.sqr()? * (1.0 - p.beta2))?)?;
-            let w = var.as_tensor().to_dtype(DType::F32)?;
+            let w = var.as_tensor().detach().to_dtype(DType::F32)?;
             let w = (&w * (1.0 - lr * p.weight_decay))?;
             let update = ((&m / bc1)? / ((&v / bc2)?.sqrt()? + p.eps)?)?;
             let w = (w - (update * lr)?)?;
             var.set(&w.to_dtype(var.dtype())?)?;
-            self.m[i] = m;
-            self.v[i] = v;
+            self.m[i] = m.detach();
+            self.v[i] = v.detach();
         }
         Ok(norm)
     }

@@ -96,8 +96,14 @@ impl ShapesPipeline {
         })
     }
 
-    /// Write the pipeline folder atomically (staging folder, then rename over `dir`).
-    pub fn save(&self, dir: &Path, metadata: &HashMap<String, String>) -> Result<()> {
+    /// Write the pipeline folder atomically (staging folder, then rename over `dir`), tensors stored in
+    /// `dtype` (loading converts back to f32).
+    pub fn save(&self, dir: &Path, metadata: &HashMap<String, String>, dtype: DType) -> Result<()> {
+        let cast = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
+            m.into_iter()
+                .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+                .collect()
+        };
         if let Some(parent) = dir.parent().filter(|p| !p.as_os_str().is_empty()) {
             std::fs::create_dir_all(parent)?;
         }
@@ -121,7 +127,7 @@ impl ShapesPipeline {
         )?;
         save_safetensors(
             &s.join("transformer/diffusion_pytorch_model.safetensors"),
-            &self.transformer.state_dict()?,
+            &cast(self.transformer.state_dict()?)?,
             Some(metadata.clone()),
         )?;
         write_atomic(
@@ -130,7 +136,7 @@ impl ShapesPipeline {
         )?;
         save_safetensors(
             &s.join("text_encoder/model.safetensors"),
-            &self.text.tensors(),
+            &cast(self.text.tensors())?,
             Some(metadata.clone()),
         )?;
         let tok = self

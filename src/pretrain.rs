@@ -121,14 +121,14 @@ impl Ema {
         Ok(Self {
             shadow: vars
                 .iter()
-                .map(|(_, v)| v.as_tensor().copy())
+                .map(|(_, v)| v.as_tensor().detach().copy())
                 .collect::<candle_core::Result<_>>()?,
         })
     }
 
     fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
         for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?;
+            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?.detach();
         }
         Ok(())
     }
@@ -137,7 +137,7 @@ impl Ema {
     fn swap_in(&self, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
         let mut raw = vec![];
         for (s, (_, v)) in self.shadow.iter().zip(vars) {
-            raw.push(v.as_tensor().copy()?);
+            raw.push(v.as_tensor().detach().copy()?);
             v.set(s)?;
         }
         Ok(raw)
@@ -361,7 +361,7 @@ pub fn run_until(
             ("dgpo_step".to_string(), step.to_string()),
             ("dgpo_weights".to_string(), "ema".to_string()),
         ]);
-        let saved = pipe.save(&s.join("model"), &meta);
+        let saved = pipe.save(&s.join("model"), &meta, pt.save_dtype.candle());
         Ema::restore(raw, &vars)?;
         saved?;
         let mut t = opt.state();
@@ -446,7 +446,7 @@ pub fn run_until(
         ("dgpo_step".to_string(), pt.steps.to_string()),
         ("dgpo_weights".to_string(), "ema".to_string()),
     ]);
-    let saved = pipe.save(&model_dir, &meta);
+    let saved = pipe.save(&model_dir, &meta, pt.save_dtype.candle());
     Ema::restore(raw, &vars)?;
     saved?;
     let report = serde_json::json!({

@@ -96,8 +96,9 @@ impl ShapesTokenizer {
             .encode(prompt, false)
             .map_err(|e| anyhow::anyhow!("tokenizing {prompt:?}: {e}"))?;
         let mut ids = vec![self.bos];
-        for (id, word) in enc.get_ids().iter().zip(enc.get_tokens()) {
+        for (id, (a, b)) in enc.get_ids().iter().zip(enc.get_offsets()) {
             if *id == self.unk {
+                let word = prompt.get(*a..*b).unwrap_or("?");
                 bail!(
                     "prompt {prompt:?}: the word {word:?} is not in the vocabulary of {} \
                      ({} words; the shapes world knows only its own classes, colours, numbers \
