@@ -53,6 +53,8 @@ pub struct RunConfig {
     pub save_every: usize,
     /// Epochs between evaluations on the test prompts.
     pub eval_every: usize,
+    /// Checkpoints kept (older ones are deleted once a newer one is complete).
+    pub keep_checkpoints: usize,
 }
 
 impl Default for RunConfig {
@@ -63,6 +65,7 @@ impl Default for RunConfig {
             num_epochs: 1000,
             save_every: 20,
             eval_every: 10,
+            keep_checkpoints: 2,
         }
     }
 }
@@ -297,6 +300,8 @@ pub struct PretrainConfig {
     pub save_every: usize,
     /// Steps between log lines.
     pub log_every: usize,
+    /// Storage dtype of the saved pipeline folders (`model/`); resume state is always f32.
+    pub save_dtype: WeightDType,
 }
 
 impl Default for PretrainConfig {
@@ -319,6 +324,7 @@ impl Default for PretrainConfig {
             eval_every: 1000,
             save_every: 250,
             log_every: 25,
+            save_dtype: WeightDType::F32,
         }
     }
 }

@@ -1,6 +1,7 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
 pub mod config;
+pub mod dgpo_loss;
 pub mod eval;
 pub mod geneval;
 pub mod io;
@@ -9,9 +10,11 @@ pub mod optim;
 pub mod pipeline;
 pub mod plan;
 pub mod pretrain;
+pub mod reward;
 pub mod sampling;
 pub mod shapes;
 pub mod text;
+pub mod train;
 
 use anyhow::{bail, Result};
 use candle_core::Device;

@@ -51,6 +51,9 @@ enum Command {
         /// Run directory (default: run.out_dir of the config).
         #[arg(long)]
         out: Option<PathBuf>,
+        /// Continue the run in --out from its last checkpoint.
+        #[arg(long)]
+        resume: bool,
     },
     /// Generate evaluation grids and scores.
     #[command(
@@ -125,7 +128,12 @@ fn run(cli: Cli) -> Result<()> {
     let device = dgpo::device(&cli.device)?;
     tracing::debug!(?device, "device ready");
     match cli.command {
-        Command::Train { cfg, dry_run, out } => {
+        Command::Train {
+            cfg,
+            dry_run,
+            out,
+            resume,
+        } => {
             let mut config = Config::load(&cfg.config, &cfg.set)?;
             if let Some(out) = out {
                 config.run.out_dir = out;
@@ -150,7 +158,8 @@ fn run(cli: Cli) -> Result<()> {
                 print!("{}", plan.render(&config));
                 return Ok(());
             }
-            bail!("`dgpo train` without --dry-run is not implemented yet: the training loop is issue #4")
+            let out = config.run.out_dir.clone();
+            dgpo::train::run(&config, &out, resume, &device)
         }
         Command::Sample { cfg } => {
             Config::load(&cfg.config, &cfg.set)?;

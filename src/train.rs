@@ -1,0 +1,601 @@
+//! `dgpo train`: the DGPO loop of ALGORITHM.md on a shapes pipeline (the SD3.5 pipeline plugs into the
+//! same loop with issue 7).
+//!
+//! One epoch: rollouts (deterministic ODE with CFG, whole groups per batch, optionally under the
+//! EMA-reference weights) → rewards → group advantages → for every training micro-batch (whole groups)
+//! and every drawn step index j ≤ K: group-shared noise, `x_t`, reference / EMA-reference / policy
+//! velocities, the DGPO loss, backward → one AdamW step per epoch → EMA-reference and slow-EMA updates.
+//!
+//! Determinism: everything random is seeded by `(run.seed, epoch, purpose)`, so a resumed run repeats
+//! an uninterrupted one (its metrics match, timings aside).
+
+use crate::config::Config;
+use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
+use crate::eval::{evaluate, EvalSettings};
+use crate::geneval::{read_metadata, Metadata};
+use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
+use crate::model::weights::read_safetensors;
+use crate::model::{Trainable, Weights};
+use crate::optim::{AdamW, AdamWParams};
+use crate::pipeline::{tensor_to_images, ShapesPipeline};
+use crate::reward::Rewards;
+use crate::sampling::{sample, schedule, Conditioning};
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor, Var};
+use rand::seq::SliceRandom;
+use rand::SeedableRng;
+use rand_distr::{Distribution, StandardNormal};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Instant;
+
+/// Seeds for the independent random streams of an epoch.
+fn rng(seed: u64, epoch: usize, purpose: u64) -> rand::rngs::StdRng {
+    rand::rngs::StdRng::seed_from_u64(
+        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
+            ^ ((epoch as u64) << 16).wrapping_add(purpose.wrapping_mul(0xD1B5_4A32_D192_ED03)),
+    )
+}
+
+fn randn(
+    rng: &mut impl rand::Rng,
+    shape: (usize, usize, usize, usize),
+    dev: &Device,
+) -> Result<Tensor> {
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
+/// A copy of the trainable tensors that can be swapped into the model (EMA-reference, slow EMA).
+struct Shadow {
+    values: Vec<Tensor>,
+}
+
+impl Shadow {
+    fn of(vars: &[(String, Var)]) -> Result<Self> {
+        Ok(Self {
+            values: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// `shadow ← decay·shadow + (1 − decay)·value`.
+    fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
+        for (s, (_, v)) in self.values.iter_mut().zip(vars) {
+            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?.detach();
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the shadow values in the model, then restore the live values.
+    fn with<T>(&self, vars: &[(String, Var)], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut live = Vec::with_capacity(vars.len());
+        for (s, (_, v)) in self.values.iter().zip(vars) {
+            live.push(v.as_tensor().detach().copy()?);
+            v.set(s)?;
+        }
+        let r = f();
+        for (l, (_, v)) in live.into_iter().zip(vars) {
+            v.set(&l)?;
+        }
+        r
+    }
+
+    fn named(&self, vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
+        vars.iter()
+            .zip(&self.values)
+            .map(|((n, _), t)| (format!("{prefix}{n}"), t.clone()))
+            .collect()
+    }
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+struct State {
+    epoch: usize,
+    opt_step: u64,
+    wall_s: f64,
+    config: String,
+}
+
+/// The prompts of one epoch: `n_groups` distinct training prompts (fewer if the file has fewer, then
+/// repeated), each repeated `group_size` times consecutively.
+pub fn epoch_prompts(n_train: usize, n_groups: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut r = rng(seed, epoch, 1);
+    let mut out = Vec::with_capacity(n_groups);
+    while out.len() < n_groups {
+        let mut idx: Vec<usize> = (0..n_train).collect();
+        idx.shuffle(&mut r);
+        out.extend(idx.into_iter().take(n_groups - out.len()));
+    }
+    out
+}
+
+fn append_metrics(path: &Path, v: &serde_json::Value) -> Result<()> {
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{v}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get("epoch").and_then(|s| s.as_u64()))
+                .is_some_and(|e| (e as usize) < epoch)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
+fn mean(v: &[f32]) -> f64 {
+    if v.is_empty() {
+        0.0
+    } else {
+        v.iter().map(|x| *x as f64).sum::<f64>() / v.len() as f64
+    }
+}
+
+fn checkpoint_dirs(out: &Path) -> Vec<(usize, PathBuf)> {
+    let mut v: Vec<(usize, PathBuf)> = std::fs::read_dir(out.join("checkpoints"))
+        .map(|rd| {
+            rd.filter_map(|e| e.ok())
+                .filter_map(|e| {
+                    let name = e.file_name().to_string_lossy().to_string();
+                    let n = name.strip_prefix("epoch-")?.parse().ok()?;
+                    e.path().join("state.json").exists().then(|| (n, e.path()))
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Run (or resume) DGPO training into `out`.
+pub fn run(cfg: &Config, out: &Path, resume: bool, dev: &Device) -> Result<()> {
+    run_until(cfg, out, resume, dev, None)
+}
+
+/// As [`run`], stopping after epoch `stop_after` (exclusive count) with a checkpoint, as a kill would.
+pub fn run_until(
+    cfg: &Config,
+    out: &Path,
+    resume: bool,
+    dev: &Device,
+    stop_after: Option<usize>,
+) -> Result<()> {
+    // ---- validate everything before any long work ----
+    let s = &cfg.sample;
+    let t = &cfg.train;
+    let train_path = cfg
+        .prompts
+        .train
+        .as_ref()
+        .context("prompts.train is not set")?;
+    let test_path = cfg
+        .prompts
+        .test
+        .as_ref()
+        .context("prompts.test is not set")?;
+    let train_metas = read_metadata(train_path)?;
+    let test_metas = read_metadata(test_path)?;
+    let rewards = Rewards::from_config(&cfg.reward)?;
+    let settings = EvalSettings::from_config(cfg)?;
+    let trainable = if cfg.lora.enabled {
+        Trainable::Lora {
+            spec: cfg.lora.spec(),
+            seed: cfg.run.seed,
+        }
+    } else {
+        Trainable::Full
+    };
+    let base = PathBuf::from(&cfg.model.pretrained);
+    if !crate::pipeline::is_shapes_pipeline(&base) {
+        bail!(
+            "model.pretrained = {:?}: `dgpo train` runs shapes pipelines today (e.g. configs/shapes.toml \
+             with configs/shapes/base); training SD3 / SD3.5 needs its text encoders and VAE, which arrive \
+             with issue 7",
+            cfg.model.pretrained
+        );
+    }
+    let pipe = ShapesPipeline::load(&base, &trainable, dev)
+        .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?;
+    for (path, metas) in [(train_path, &train_metas), (test_path, &test_metas)] {
+        for m in metas.iter() {
+            pipe.tokenizer
+                .encode(&m.prompt)
+                .with_context(|| format!("prompt in {}", path.display()))?;
+        }
+    }
+    let (_, res, _) = pipe.image_shape();
+    if res != cfg.model.resolution {
+        bail!(
+            "model.resolution = {} but the model at {} works at {res}",
+            cfg.model.resolution,
+            base.display()
+        );
+    }
+    let vars = pipe.transformer.trainable_vars();
+    if vars.is_empty() {
+        bail!("nothing to train: lora.targets match no layer and lora.enabled = true");
+    }
+    let ckpts = checkpoint_dirs(out);
+    if !resume && !ckpts.is_empty() {
+        bail!(
+            "{} already holds checkpoints (last: epoch {}): pass --resume to continue, or choose another --out",
+            out.display(),
+            ckpts.last().map(|c| c.0).unwrap_or(0)
+        );
+    }
+    if resume && ckpts.is_empty() {
+        bail!(
+            "--resume: {} has no checkpoints/epoch-*/state.json",
+            out.display()
+        );
+    }
+    std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
+    write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
+
+    // ---- state ----
+    let mut opt = AdamW::new(
+        vars.clone(),
+        AdamWParams {
+            lr: t.learning_rate,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.adam_weight_decay,
+        },
+    )?;
+    let mut ema_ref = Shadow::of(&vars)?;
+    let mut ema = Shadow::of(&vars)?;
+    let mut start_epoch = 0usize;
+    let mut wall0 = 0f64;
+    let metrics = out.join("metrics.jsonl");
+    if resume {
+        let (_, dir) = ckpts.last().cloned().context("no checkpoint")?;
+        let st: State = serde_json::from_str(&std::fs::read_to_string(dir.join("state.json"))?)
+            .with_context(|| format!("parsing {}", dir.join("state.json").display()))?;
+        let f = dir.join("train_state.safetensors");
+        let mut tensors = read_safetensors(std::slice::from_ref(&f), dev)?;
+        for (i, (name, var)) in vars.iter().enumerate() {
+            for (prefix, what) in [("raw.", 0), ("ema_ref.", 1), ("ema.", 2)] {
+                let k = format!("{prefix}{name}");
+                let v = tensors.remove(&k).with_context(|| {
+                    format!("{} has no {k}: was the config changed?", f.display())
+                })?;
+                if v.dims() != var.dims() {
+                    bail!(
+                        "{}: {k} has shape {:?}, the model {:?}",
+                        f.display(),
+                        v.dims(),
+                        var.dims()
+                    );
+                }
+                match what {
+                    0 => var.set(&v)?,
+                    1 => ema_ref.values[i] = v,
+                    _ => ema.values[i] = v,
+                }
+            }
+        }
+        opt.load_state(tensors, st.opt_step)?;
+        start_epoch = st.epoch;
+        wall0 = st.wall_s;
+        truncate_metrics(&metrics, start_epoch)?;
+        tracing::info!(epoch = start_epoch, "resumed from {}", dir.display());
+    }
+
+    let stop = Arc::new(AtomicBool::new(false));
+    {
+        let stop = stop.clone();
+        // A second handler cannot be installed (tests run several loops in one process): ignore that.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!("\ninterrupt: finishing this epoch's checkpoint, then exiting (Ctrl-C again to abort)");
+        });
+    }
+
+    let shape = pipe.image_shape();
+    let g = s.group_size;
+    let per_epoch = s.batch_size * s.num_batches_per_epoch;
+    let n_groups = per_epoch / g;
+    let sched = schedule(s.sampler, s.num_steps, s.flow_shift);
+    let empty = pipe.encode(&[""])?;
+    let params = DgpoParams {
+        beta_dpo: t.beta_dpo,
+        beta_kl: t.beta_kl,
+        clip_range: t.clip_range,
+        use_ema_ref: t.use_ema_ref,
+    };
+    let t0 = Instant::now();
+    tracing::info!(
+        trainable = vars.iter().map(|(_, v)| v.elem_count()).sum::<usize>(),
+        groups = n_groups,
+        group_size = g,
+        "DGPO on {} ({} train / {} test prompts) into {}",
+        base.display(),
+        train_metas.len(),
+        test_metas.len(),
+        out.display()
+    );
+
+    let do_eval = |epoch: usize, opt_step: u64, wall: f64, ema: &Shadow| -> Result<f64> {
+        let r = ema.with(&vars, || {
+            evaluate(&pipe, &test_metas, &settings, Weights::PolicyNoGrad, false)
+        })?;
+        let sm = &r.summary;
+        append_metrics(
+            &metrics,
+            &serde_json::json!({
+                "kind": "eval", "epoch": epoch, "opt_step": opt_step, "wall_s": wall,
+                "eval_reward_mean": sm.reward_mean, "geneval_overall": sm.geneval_overall,
+                "strict_accuracy": sm.strict_accuracy, "accuracy": sm.accuracy,
+                "per_tag": sm.per_tag.iter().map(|(k, v)| (k.clone(), serde_json::json!(v.accuracy))).collect::<serde_json::Map<_, _>>(),
+                "eval_s": r.wall_s,
+            }),
+        )?;
+        let grid = crate::shapes::grid(&r.images, settings.images_per_prompt * 4, 1);
+        grid.to_png(&out.join(format!("grids/eval-epoch-{epoch:05}.png")))?;
+        println!(
+            "eval  epoch {epoch:>4}  step {opt_step:>4}  geneval_overall {:.3}  reward {:.3}  ({:.0} s)",
+            sm.geneval_overall, sm.reward_mean, r.wall_s
+        );
+        Ok(sm.geneval_overall)
+    };
+
+    let save =
+        |epoch: usize, opt: &AdamW, ema_ref: &Shadow, ema: &Shadow, wall: f64| -> Result<()> {
+            let dst = out.join("checkpoints").join(format!("epoch-{epoch:05}"));
+            std::fs::create_dir_all(out.join("checkpoints"))?;
+            let st = staging_dir(&dst)?;
+            let mut tensors = opt.state();
+            for (n, v) in &vars {
+                tensors.insert(format!("raw.{n}"), v.as_tensor().clone());
+            }
+            tensors.extend(ema_ref.named(&vars, "ema_ref."));
+            tensors.extend(ema.named(&vars, "ema."));
+            save_safetensors(&st.join("train_state.safetensors"), &tensors, None)?;
+            // The slow-EMA weights as the adapter / trained tensors users load (names as peft writes them).
+            let meta = HashMap::from([
+                ("dgpo_epoch".to_string(), epoch.to_string()),
+                ("dgpo_weights".to_string(), "ema".to_string()),
+                ("dgpo_base".to_string(), cfg.model.pretrained.clone()),
+            ]);
+            save_safetensors(
+                &st.join("trainable_ema.safetensors"),
+                &ema.named(&vars, ""),
+                Some(meta),
+            )?;
+            let state = State {
+                epoch,
+                opt_step: opt.step,
+                wall_s: wall,
+                config: cfg.to_toml(),
+            };
+            write_atomic(
+                &st.join("state.json"),
+                serde_json::to_string_pretty(&state)?.as_bytes(),
+            )?;
+            replace_dir(&st, &dst)?;
+            let all = checkpoint_dirs(out);
+            let keep = cfg.run.keep_checkpoints.max(1);
+            for (_, d) in all.iter().take(all.len().saturating_sub(keep)) {
+                std::fs::remove_dir_all(d)
+                    .with_context(|| format!("removing old {}", d.display()))?;
+            }
+            Ok(())
+        };
+
+    let mut first_above: Option<usize> = None;
+    for epoch in start_epoch..cfg.run.num_epochs {
+        let wall = wall0 + t0.elapsed().as_secs_f64();
+        if epoch % cfg.run.eval_every == 0 {
+            let score = do_eval(epoch, opt.step, wall, &ema)?;
+            if score >= 0.8 && first_above.is_none() {
+                first_above = Some(epoch);
+            }
+        }
+        // ---- rollouts ----
+        let t_roll = Instant::now();
+        let chosen = epoch_prompts(train_metas.len(), n_groups, cfg.run.seed, epoch);
+        let order: Vec<usize> = chosen
+            .iter()
+            .flat_map(|&p| std::iter::repeat_n(p, g))
+            .collect();
+        let prompts: Vec<String> = order
+            .iter()
+            .map(|&i| train_metas[i].prompt.clone())
+            .collect();
+        let metas: Vec<Option<Metadata>> = order
+            .iter()
+            .map(|&i| Some(train_metas[i].clone()))
+            .collect();
+        let mut noise_rng = rng(cfg.run.seed, epoch, 2);
+        let use_ref_weights = opt.step as usize > t.switch_ema_ref;
+        let mut x0s = vec![];
+        let mut conds = vec![];
+        for b in 0..s.num_batches_per_epoch {
+            let range = b * s.batch_size..(b + 1) * s.batch_size;
+            let ps: Vec<&str> = prompts[range.clone()].iter().map(|p| p.as_str()).collect();
+            let cond = pipe.encode(&ps)?;
+            let noise = randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev)?;
+            let uncond = empty.repeat(ps.len())?;
+            let roll = || {
+                sample(
+                    &pipe.transformer,
+                    s.sampler,
+                    &sched,
+                    &noise,
+                    &cond,
+                    Some(&uncond),
+                    s.guidance_scale,
+                    Weights::PolicyNoGrad,
+                )
+            };
+            let x0 = if use_ref_weights {
+                ema_ref.with(&vars, roll)?
+            } else {
+                roll()?
+            };
+            x0s.push(x0);
+            conds.push(cond);
+        }
+        let x0_all = Tensor::cat(&x0s, 0)?;
+        let cond_all = Conditioning::cat(&conds.iter().collect::<Vec<_>>())?;
+        let roll_s = t_roll.elapsed().as_secs_f64();
+        // ---- rewards ----
+        let t_rew = Instant::now();
+        let images = tensor_to_images(&x0_all)?;
+        let (reward, named) = rewards.score(&images, &prompts, &metas)?;
+        let adv = advantages(&reward, g, t.global_std, t.adv_clip_max as f32)?;
+        let rew_s = t_rew.elapsed().as_secs_f64();
+        // ---- update ----
+        let t_upd = Instant::now();
+        let mut trng = rng(cfg.run.seed, epoch, 3);
+        let js = draw_timestep_indices(&mut trng, t.trunc_steps, t.num_train_timesteps);
+        let mut acc = opt.accum();
+        let n_micro = per_epoch / t.batch_size;
+        let passes = (n_micro * js.len()) as f64;
+        let (mut pl, mut kl, mut clip, mut lsum) = (0f64, 0f64, 0f64, 0f64);
+        for mb in 0..n_micro {
+            let lo = mb * t.batch_size;
+            let n = t.batch_size;
+            let x0 = x0_all.narrow(0, lo, n)?;
+            let cond = Conditioning {
+                context: cond_all.context.narrow(0, lo, n)?,
+                pooled: cond_all.pooled.narrow(0, lo, n)?,
+            };
+            let a = &adv.values[lo..lo + n];
+            for &j in &js {
+                let sigma = sched.train_sigma(j);
+                // One noise per group, shared by its members.
+                let groups = n / g;
+                let gn = randn(&mut trng, (groups, shape.0, shape.1, shape.2), dev)?;
+                let idx: Vec<u32> = (0..n).map(|i| (i / g) as u32).collect();
+                let eps = gn.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?;
+                let xt = ((&x0 * (1.0 - sigma as f64))? + (&eps * sigma as f64)?)?;
+                let target = (&eps - &x0)?;
+                let tt = Tensor::full(sched.timesteps[j], n, dev)?;
+                let m = &pipe.transformer;
+                let v_ref = if t.kl_cfg > 1.0 {
+                    let u = empty.repeat(n)?;
+                    crate::sampling::guided_velocity_at(
+                        m,
+                        &xt,
+                        sched.timesteps[j],
+                        &cond,
+                        Some(&u),
+                        t.kl_cfg,
+                        Weights::Reference,
+                    )?
+                } else {
+                    m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Reference)?
+                };
+                let v_old = ema_ref.with(&vars, || {
+                    m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::PolicyNoGrad)
+                })?;
+                let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+                let l_theta = per_sample_mse(&target, &v)?;
+                let l_ref = per_sample_mse(&target, &v_ref)?;
+                let l_old = per_sample_mse(&target, &v_old)?;
+                let kl_i = per_sample_mse(&v, &v_ref.detach())?;
+                let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, a, g, &params)?;
+                let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                if !lv.is_finite() {
+                    bail!(
+                        "epoch {epoch}: the DGPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
+                         lower train.learning_rate or train.beta_dpo",
+                        terms.policy_loss,
+                        terms.kl
+                    );
+                }
+                // Gradients accumulate over all micro-batches and indices: one step per epoch, the loss
+                // averaged over the passes as accelerate's accumulation does.
+                let grads = (terms.loss / passes)?.backward()?;
+                opt.add(&mut acc, &grads)?;
+                pl += terms.policy_loss as f64;
+                kl += terms.kl as f64;
+                clip += terms.clip_frac as f64;
+                lsum += lv as f64;
+            }
+        }
+        let gn = opt.step(acc, t.learning_rate, Some(t.max_grad_norm))?;
+        let step = opt.step;
+        ema_ref.update(&vars, (0.001 * step as f64).min(0.3))?;
+        if step.is_multiple_of(t.ema_every as u64) {
+            let d = t.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
+            ema.update(&vars, d)?;
+        }
+        let upd_s = t_upd.elapsed().as_secs_f64();
+        let wall = wall0 + t0.elapsed().as_secs_f64();
+        let rmean = mean(&reward);
+        let mut line = serde_json::json!({
+            "kind": "train", "epoch": epoch, "opt_step": step, "wall_s": wall,
+            "reward_mean": rmean, "loss": lsum / passes, "policy_loss": pl / passes,
+            "kl": kl / passes, "clip_frac": clip / passes, "grad_norm": gn,
+            "zero_std_ratio": adv.zero_std_groups as f64 / n_groups as f64,
+            "adv_abs_mean": mean(&adv.values.iter().map(|a| a.abs()).collect::<Vec<_>>()),
+            "timesteps": js.iter().map(|&j| sched.timesteps[j]).collect::<Vec<_>>(),
+            "rollout_s": roll_s, "reward_s": rew_s, "update_s": upd_s,
+            "rollout_weights": if use_ref_weights { "ema_ref" } else { "policy" },
+        });
+        for (k, v) in &named {
+            line[format!("reward/{k}")] = mean(v).into();
+        }
+        append_metrics(&metrics, &line)?;
+        println!(
+            "epoch {epoch:>4}  step {step:>4}  reward {rmean:.3}  loss {:+.4}  kl {:.4}  clip {:.2}  |g| {gn:.3}  zero-std {}/{}  {:.0}+{:.0}+{:.0} s",
+            lsum / passes,
+            kl / passes,
+            clip / passes,
+            adv.zero_std_groups,
+            n_groups,
+            roll_s,
+            rew_s,
+            upd_s
+        );
+        let done = epoch + 1;
+        let interrupted = stop.load(Ordering::SeqCst) || Some(done) == stop_after;
+        if done % cfg.run.save_every == 0 || done == cfg.run.num_epochs || interrupted {
+            save(done, &opt, &ema_ref, &ema, wall)?;
+        }
+        if interrupted {
+            println!("stopped after epoch {epoch}; continue with --resume");
+            return Ok(());
+        }
+    }
+    let wall = wall0 + t0.elapsed().as_secs_f64();
+    let final_score = do_eval(cfg.run.num_epochs, opt.step, wall, &ema)?;
+    println!(
+        "done: {} epochs in {:.1} min, final geneval_overall {final_score:.3}{}",
+        cfg.run.num_epochs,
+        wall / 60.0,
+        first_above
+            .map(|e| format!(", first ≥ 0.8 at epoch {e}"))
+            .unwrap_or_default()
+    );
+    Ok(())
+}
