@@ -1,0 +1,206 @@
+//! `dgpo train` end to end on a tiny random shapes pipeline: metrics, checkpoints, and a resumed run
+//! that reproduces the uninterrupted one.
+
+use candle_core::Device;
+use dgpo::config::Config;
+use dgpo::pipeline::ShapesPipeline;
+use dgpo::text::{ShapesTokenizer, TextEncoderConfig, TEXT_ENCODER_CLASS};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+fn tmp(name: &str) -> PathBuf {
+    let d = std::env::temp_dir().join(format!("dgpo-train-{name}-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&d);
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// A tiny random pipeline, a few prompts, and a config training it.
+fn setup(dir: &Path) -> Config {
+    let tcfg: dgpo::model::TransformerConfig = serde_json::from_str(
+        r#"{"sample_size": 32, "patch_size": 4, "in_channels": 3, "out_channels": 3, "num_layers": 1,
+            "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
+            "caption_projection_dim": 16, "pooled_projection_dim": 12, "pos_embed_max_size": 8,
+            "qk_norm": "rms_norm"}"#,
+    )
+    .unwrap();
+    let tok =
+        ShapesTokenizer::from_file(&root().join("configs/shapes/tokenizer.json"), 16).unwrap();
+    let ecfg = TextEncoderConfig {
+        class_name: TEXT_ENCODER_CLASS.into(),
+        vocab_size: tok.vocab_size(),
+        max_length: 16,
+        width: 16,
+        num_layers: 1,
+        num_heads: 2,
+        mlp_ratio: 2,
+        context_dim: 16,
+        pooled_dim: 12,
+    };
+    let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, 7, &Device::Cpu).unwrap();
+    pipe.save(&dir.join("base"), &HashMap::new(), candle_core::DType::F32)
+        .unwrap();
+    let lines: Vec<String> =
+        std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
+            .unwrap()
+            .lines()
+            .map(String::from)
+            .collect();
+    std::fs::write(dir.join("train.jsonl"), lines[..12].join("\n")).unwrap();
+    std::fs::write(dir.join("test.jsonl"), lines[40..43].join("\n")).unwrap();
+    let text = format!(
+        r#"
+[run]
+seed = 1
+num_epochs = 3
+save_every = 1
+eval_every = 2
+keep_checkpoints = 2
+[model]
+pretrained = "{d}/base"
+resolution = 32
+[lora]
+rank = 4
+alpha = 8.0
+[sample]
+sampler = "dpm_solver2m"
+num_steps = 4
+eval_num_steps = 3
+group_size = 2
+batch_size = 4
+num_batches_per_epoch = 1
+eval_batch_size = 4
+[train]
+batch_size = 2
+learning_rate = 1e-2
+trunc_steps = 2
+num_train_timesteps = 2
+[prompts]
+train = "{d}/train.jsonl"
+test = "{d}/test.jsonl"
+[[reward]]
+kind = "shapes_geneval"
+"#,
+        d = dir.display()
+    );
+    Config::from_toml(&text, "tiny", &[]).unwrap()
+}
+
+/// Metric lines without wall-clock fields.
+fn metrics(out: &Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(out.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            let o = v.as_object_mut().unwrap();
+            o.retain(|k, _| !(k == "wall_s" || k.ends_with("_s")));
+            v
+        })
+        .collect()
+}
+
+#[test]
+fn train_writes_metrics_and_checkpoints_and_resume_repeats_the_run() {
+    let dir = tmp("resume");
+    let cfg = setup(&dir);
+    let dev = Device::Cpu;
+    let a = dir.join("a");
+    dgpo::train::run(&cfg, &a, false, &dev).unwrap();
+    let ma = metrics(&a);
+    let train: Vec<_> = ma.iter().filter(|v| v["kind"] == "train").collect();
+    let evals: Vec<_> = ma.iter().filter(|v| v["kind"] == "eval").collect();
+    assert_eq!(train.len(), 3, "{ma:?}");
+    assert_eq!(
+        evals.len(),
+        3,
+        "evals at epochs 0 and 2 and the final one: {ma:?}"
+    );
+    for t in &train {
+        for k in [
+            "epoch",
+            "opt_step",
+            "reward_mean",
+            "loss",
+            "kl",
+            "clip_frac",
+            "grad_norm",
+            "zero_std_ratio",
+        ] {
+            assert!(t.get(k).is_some_and(|v| !v.is_null()), "{k} missing in {t}");
+        }
+        assert!(t["grad_norm"].as_f64().unwrap().is_finite());
+    }
+    assert_eq!(train[2]["opt_step"], 3);
+    for e in &evals {
+        assert!(e.get("geneval_overall").is_some() && e.get("eval_reward_mean").is_some());
+    }
+    // Only the last two checkpoints are kept.
+    let mut ck: Vec<String> = std::fs::read_dir(a.join("checkpoints"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().to_string())
+        .collect();
+    ck.sort();
+    assert_eq!(ck, vec!["epoch-00002", "epoch-00003"]);
+    assert!(a.join("grids/eval-epoch-00000.png").exists());
+
+    // Running again into the same folder without --resume is refused.
+    let e = dgpo::train::run(&cfg, &a, false, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("--resume"), "{e}");
+
+    // Killed after epoch 1, resumed: the same metrics (timings aside) and the same final weights.
+    let b = dir.join("b");
+    dgpo::train::run_until(&cfg, &b, false, &dev, Some(1)).unwrap();
+    assert_eq!(
+        metrics(&b).iter().filter(|v| v["kind"] == "train").count(),
+        1
+    );
+    dgpo::train::run(&cfg, &b, true, &dev).unwrap();
+    assert_eq!(ma, metrics(&b));
+    let wa = std::fs::read(a.join("checkpoints/epoch-00003/train_state.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/epoch-00003/train_state.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn bad_setups_are_refused_before_any_work() {
+    let dir = tmp("bad");
+    let cfg = setup(&dir);
+    let dev = Device::Cpu;
+    let mut c = cfg.clone();
+    c.model.pretrained = "stabilityai/stable-diffusion-3.5-medium".into();
+    let e = dgpo::train::run(&c, &dir.join("x"), false, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("issue 7"), "{e}");
+    let mut c = cfg.clone();
+    c.reward[0].kind = "pickscore_server".into();
+    let e = dgpo::train::run(&c, &dir.join("x"), false, &dev)
+        .unwrap_err()
+        .to_string();
+    assert!(e.contains("reward[0].kind"), "{e}");
+    let mut c = cfg.clone();
+    c.prompts.train = Some(dir.join("missing.jsonl"));
+    let e = format!(
+        "{:#}",
+        dgpo::train::run(&c, &dir.join("x"), false, &dev).unwrap_err()
+    );
+    assert!(e.contains("missing.jsonl"), "{e}");
+    assert!(!dir.join("x").exists(), "nothing written for a refused run");
+    let e = Config::from_toml(
+        "[sample]\ngroup_size = 3\nbatch_size = 4\n",
+        "bad.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("does not divide"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
