@@ -85,6 +85,40 @@ pub fn staging_dir(dst: &Path) -> Result<PathBuf> {
     Ok(s)
 }
 
+/// Append one JSON object as a line of a JSON-lines file (created if missing).
+pub fn append_jsonl(path: &Path, value: &serde_json::Value) -> Result<()> {
+    use std::io::Write;
+    let mut f = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(path)
+        .with_context(|| format!("opening {}", path.display()))?;
+    writeln!(f, "{value}").with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// Keep only the lines of a JSON-lines file whose numeric field `key` passes `keep` (e.g. drop the
+/// metrics written after the checkpoint a run resumes from). A missing file is fine.
+pub fn retain_jsonl(path: &Path, key: &str, keep: impl Fn(u64) -> bool) -> Result<()> {
+    let Ok(text) = std::fs::read_to_string(path) else {
+        return Ok(());
+    };
+    let kept: Vec<&str> = text
+        .lines()
+        .filter(|l| {
+            serde_json::from_str::<serde_json::Value>(l)
+                .ok()
+                .and_then(|v| v.get(key).and_then(|s| s.as_u64()))
+                .is_some_and(&keep)
+        })
+        .collect();
+    let mut out = kept.join("\n");
+    if !out.is_empty() {
+        out.push('\n');
+    }
+    write_atomic(path, out.as_bytes())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -149,6 +149,53 @@ impl AdamW {
     }
 }
 
+/// A copy of a set of variables that can be averaged (EMA) and swapped into the model.
+pub struct Shadow {
+    pub values: Vec<Tensor>,
+}
+
+impl Shadow {
+    /// A detached copy of the variables' current values.
+    pub fn of(vars: &[(String, Var)]) -> Result<Self> {
+        Ok(Self {
+            values: vars
+                .iter()
+                .map(|(_, v)| v.as_tensor().detach().copy())
+                .collect::<candle_core::Result<_>>()?,
+        })
+    }
+
+    /// `shadow ← decay·shadow + (1 − decay)·value` (kept detached: no graph survives a step).
+    pub fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
+        for (s, (_, v)) in self.values.iter_mut().zip(vars) {
+            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?.detach();
+        }
+        Ok(())
+    }
+
+    /// Run `f` with the shadow values in the variables, then restore the live values (also on error).
+    pub fn with<T>(&self, vars: &[(String, Var)], f: impl FnOnce() -> Result<T>) -> Result<T> {
+        let mut live = Vec::with_capacity(vars.len());
+        for (s, (_, v)) in self.values.iter().zip(vars) {
+            live.push(v.as_tensor().detach().copy()?);
+            v.set(s)?;
+        }
+        let r = f();
+        for (l, (_, v)) in live.into_iter().zip(vars) {
+            v.set(&l)?;
+        }
+        r
+    }
+
+    /// The values under the variables' names with a prefix (for checkpoints).
+    pub fn named(&self, vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
+        vars.iter()
+            .zip(&self.values)
+            .map(|((n, _), t)| (format!("{prefix}{n}"), t.clone()))
+            .collect()
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -13,10 +13,12 @@
 use crate::config::{Config, TimestepSampling};
 use crate::eval::{evaluate, EvalSettings};
 use crate::geneval::{read_metadata, Metadata};
-use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
+use crate::io::{
+    append_jsonl as append_metrics, replace_dir, save_safetensors, staging_dir, write_atomic,
+};
 use crate::model::weights::read_safetensors;
 use crate::model::{TransformerConfig, Weights};
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{images_to_tensor, ShapesPipeline};
 use crate::shapes::{random_metadata, scene_for};
 use crate::text::{ShapesTokenizer, TextEncoderConfig};
@@ -26,7 +28,6 @@ use rand::{Rng, SeedableRng};
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
@@ -112,45 +113,6 @@ fn lr_at(cfg: &Config, step: usize) -> f64 {
     pt.learning_rate
 }
 
-struct Ema {
-    shadow: Vec<Tensor>,
-}
-
-impl Ema {
-    fn new(vars: &[(String, Var)]) -> Result<Self> {
-        Ok(Self {
-            shadow: vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().detach().copy())
-                .collect::<candle_core::Result<_>>()?,
-        })
-    }
-
-    fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
-        for (s, (_, v)) in self.shadow.iter_mut().zip(vars) {
-            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?.detach();
-        }
-        Ok(())
-    }
-
-    /// Put the EMA values into the variables; returns the raw values to restore.
-    fn swap_in(&self, vars: &[(String, Var)]) -> Result<Vec<Tensor>> {
-        let mut raw = vec![];
-        for (s, (_, v)) in self.shadow.iter().zip(vars) {
-            raw.push(v.as_tensor().detach().copy()?);
-            v.set(s)?;
-        }
-        Ok(raw)
-    }
-
-    fn restore(raw: Vec<Tensor>, vars: &[(String, Var)]) -> Result<()> {
-        for (r, (_, v)) in raw.into_iter().zip(vars) {
-            v.set(&r)?;
-        }
-        Ok(())
-    }
-}
-
 /// Everything pretraining reads, checked before the first step.
 struct Inputs {
     tcfg: TransformerConfig,
@@ -193,37 +155,6 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
         tokenizer,
         test,
     })
-}
-
-fn append_metrics(path: &Path, value: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{value}").with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-/// Drop metric lines written after the checkpoint a run resumes from.
-fn truncate_metrics(path: &Path, step: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("step").and_then(|s| s.as_u64()))
-                .is_some_and(|s| s as usize <= step)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    write_atomic(path, out.as_bytes())
 }
 
 fn eval_json(step: usize, wall_s: f64, r: &crate::eval::EvalResult) -> serde_json::Value {
@@ -294,7 +225,7 @@ pub fn run_until(
             weight_decay: pt.weight_decay,
         },
     )?;
-    let mut ema = Ema::new(&vars)?;
+    let mut ema = Shadow::of(&vars)?;
     let mut start = 0usize;
     let mut wall0 = 0f64;
     let metrics = out.join("metrics.jsonl");
@@ -323,7 +254,7 @@ pub fn run_until(
                 );
             }
             var.set(&raw)?;
-            ema.shadow[i] = e;
+            ema.values[i] = e;
         }
         for (k, v) in t {
             moments.insert(k, v);
@@ -331,7 +262,7 @@ pub fn run_until(
         opt.load_state(moments, st.step as u64)?;
         start = st.step;
         wall0 = st.wall_s;
-        truncate_metrics(&metrics, start)?;
+        crate::io::retain_jsonl(&metrics, "step", |s| s as usize <= start)?;
         tracing::info!(step = start, "resumed from {}", ckpt.display());
     }
     tracing::info!(
@@ -354,20 +285,19 @@ pub fn run_until(
     bar.set_position(start as u64);
     let mut loss_acc = 0f64;
     let mut loss_n = 0usize;
-    let save = |step: usize, wall: f64, opt: &AdamW, ema: &Ema| -> Result<()> {
+    let save = |step: usize, wall: f64, opt: &AdamW, ema: &Shadow| -> Result<()> {
         let s = staging_dir(&ckpt)?;
-        let raw = ema.swap_in(&vars)?;
         let meta = HashMap::from([
             ("dgpo_step".to_string(), step.to_string()),
             ("dgpo_weights".to_string(), "ema".to_string()),
         ]);
-        let saved = pipe.save(&s.join("model"), &meta, pt.save_dtype.candle());
-        Ema::restore(raw, &vars)?;
-        saved?;
+        ema.with(&vars, || {
+            pipe.save(&s.join("model"), &meta, pt.save_dtype.candle())
+        })?;
         let mut t = opt.state();
         for (i, (name, var)) in vars.iter().enumerate() {
             t.insert(format!("raw.{name}"), var.as_tensor().clone());
-            t.insert(format!("ema.{name}"), ema.shadow[i].clone());
+            t.insert(format!("ema.{name}"), ema.values[i].clone());
         }
         save_safetensors(&s.join("train_state.safetensors"), &t, None)?;
         let st = State {
@@ -383,11 +313,10 @@ pub fn run_until(
         tracing::debug!(step, "checkpoint written");
         Ok(())
     };
-    let run_eval = |step: usize, wall: f64, ema: &Ema| -> Result<crate::eval::EvalResult> {
-        let raw = ema.swap_in(&vars)?;
-        let r = evaluate(&pipe, &inputs.test, &settings, Weights::PolicyNoGrad, false);
-        Ema::restore(raw, &vars)?;
-        let r = r?;
+    let run_eval = |step: usize, wall: f64, ema: &Shadow| -> Result<crate::eval::EvalResult> {
+        let r = ema.with(&vars, || {
+            evaluate(&pipe, &inputs.test, &settings, Weights::PolicyNoGrad, false)
+        })?;
         append_metrics(&metrics, &eval_json(step, wall, &r))?;
         bar.println(format!(
             "step {step}: geneval_overall {:.3}, reward {:.3} ({:.0} s eval)",
@@ -441,14 +370,13 @@ pub fn run_until(
     let wall = wall0 + t0.elapsed().as_secs_f64();
     let r = run_eval(pt.steps, wall, &ema)?;
     let model_dir = out.join("model");
-    let raw = ema.swap_in(&vars)?;
     let meta = HashMap::from([
         ("dgpo_step".to_string(), pt.steps.to_string()),
         ("dgpo_weights".to_string(), "ema".to_string()),
     ]);
-    let saved = pipe.save(&model_dir, &meta, pt.save_dtype.candle());
-    Ema::restore(raw, &vars)?;
-    saved?;
+    ema.with(&vars, || {
+        pipe.save(&model_dir, &meta, pt.save_dtype.candle())
+    })?;
     let report = serde_json::json!({
         "steps": pt.steps,
         "pretrain_wall_s": wall,

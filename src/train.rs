@@ -13,21 +13,22 @@ use crate::config::Config;
 use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
 use crate::eval::{evaluate, EvalSettings};
 use crate::geneval::{read_metadata, Metadata};
-use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
+use crate::io::{
+    append_jsonl as append_metrics, replace_dir, save_safetensors, staging_dir, write_atomic,
+};
 use crate::model::weights::read_safetensors;
 use crate::model::{Trainable, Weights};
-use crate::optim::{AdamW, AdamWParams};
+use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{tensor_to_images, ShapesPipeline};
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule, Conditioning};
 use anyhow::{bail, Context, Result};
-use candle_core::{DType, Device, Tensor, Var};
+use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
 use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -51,51 +52,6 @@ fn randn(
     Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
-/// A copy of the trainable tensors that can be swapped into the model (EMA-reference, slow EMA).
-struct Shadow {
-    values: Vec<Tensor>,
-}
-
-impl Shadow {
-    fn of(vars: &[(String, Var)]) -> Result<Self> {
-        Ok(Self {
-            values: vars
-                .iter()
-                .map(|(_, v)| v.as_tensor().detach().copy())
-                .collect::<candle_core::Result<_>>()?,
-        })
-    }
-
-    /// `shadow ← decay·shadow + (1 − decay)·value`.
-    fn update(&mut self, vars: &[(String, Var)], decay: f64) -> Result<()> {
-        for (s, (_, v)) in self.values.iter_mut().zip(vars) {
-            *s = ((&*s * decay)? + (v.as_tensor().detach() * (1.0 - decay))?)?.detach();
-        }
-        Ok(())
-    }
-
-    /// Run `f` with the shadow values in the model, then restore the live values.
-    fn with<T>(&self, vars: &[(String, Var)], f: impl FnOnce() -> Result<T>) -> Result<T> {
-        let mut live = Vec::with_capacity(vars.len());
-        for (s, (_, v)) in self.values.iter().zip(vars) {
-            live.push(v.as_tensor().detach().copy()?);
-            v.set(s)?;
-        }
-        let r = f();
-        for (l, (_, v)) in live.into_iter().zip(vars) {
-            v.set(&l)?;
-        }
-        r
-    }
-
-    fn named(&self, vars: &[(String, Var)], prefix: &str) -> HashMap<String, Tensor> {
-        vars.iter()
-            .zip(&self.values)
-            .map(|((n, _), t)| (format!("{prefix}{n}"), t.clone()))
-            .collect()
-    }
-}
-
 #[derive(Debug, Clone, Serialize, Deserialize)]
 struct State {
     epoch: usize,
@@ -115,36 +71,6 @@ pub fn epoch_prompts(n_train: usize, n_groups: usize, seed: u64, epoch: usize) -
         out.extend(idx.into_iter().take(n_groups - out.len()));
     }
     out
-}
-
-fn append_metrics(path: &Path, v: &serde_json::Value) -> Result<()> {
-    let mut f = std::fs::OpenOptions::new()
-        .create(true)
-        .append(true)
-        .open(path)
-        .with_context(|| format!("opening {}", path.display()))?;
-    writeln!(f, "{v}").with_context(|| format!("writing {}", path.display()))?;
-    Ok(())
-}
-
-fn truncate_metrics(path: &Path, epoch: usize) -> Result<()> {
-    let Ok(text) = std::fs::read_to_string(path) else {
-        return Ok(());
-    };
-    let kept: Vec<&str> = text
-        .lines()
-        .filter(|l| {
-            serde_json::from_str::<serde_json::Value>(l)
-                .ok()
-                .and_then(|v| v.get("epoch").and_then(|s| s.as_u64()))
-                .is_some_and(|e| (e as usize) < epoch)
-        })
-        .collect();
-    let mut out = kept.join("\n");
-    if !out.is_empty() {
-        out.push('\n');
-    }
-    write_atomic(path, out.as_bytes())
 }
 
 fn mean(v: &[f32]) -> f64 {
@@ -302,7 +228,7 @@ pub fn run_until(
         opt.load_state(tensors, st.opt_step)?;
         start_epoch = st.epoch;
         wall0 = st.wall_s;
-        truncate_metrics(&metrics, start_epoch)?;
+        crate::io::retain_jsonl(&metrics, "epoch", |e| (e as usize) < start_epoch)?;
         tracing::info!(epoch = start_epoch, "resumed from {}", dir.display());
     }
 
