@@ -61,6 +61,9 @@ impl Reward for ShapesGeneval {
 /// Names accepted in `[[reward]] kind = …` today.
 pub const KNOWN: [&str; 1] = ["shapes_geneval"];
 
+/// Per-image values of every module and sub-metric, by name.
+pub type NamedScores = BTreeMap<String, Vec<f32>>;
+
 /// A weighted sum of reward modules.
 pub struct Rewards {
     parts: Vec<(f64, Box<dyn Reward>)>,
@@ -93,7 +96,7 @@ impl Rewards {
         images: &[Image],
         prompts: &[String],
         metadata: &[Option<Metadata>],
-    ) -> Result<(Vec<f32>, BTreeMap<String, Vec<f32>>)> {
+    ) -> Result<(Vec<f32>, NamedScores)> {
         let n = images.len();
         let mut total = vec![0f32; n];
         let mut named = BTreeMap::new();
