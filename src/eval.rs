@@ -6,12 +6,11 @@ use crate::config::{Config, Sampler};
 use crate::geneval::{summarize, Metadata, Outcome, Summary};
 use crate::model::Weights;
 use crate::pipeline::{tensor_to_images, ShapesPipeline};
-use crate::sampling::{sample, schedule};
+use crate::sampling::{sample, schedule, seeded_randn};
 use crate::shapes::{score_image, Image};
 use anyhow::{bail, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 
 /// How an evaluation samples.
 #[derive(Debug, Clone, PartialEq)]
@@ -56,9 +55,7 @@ pub fn eval_noise(
         .wrapping_add((prompt as u64) << 20)
         .wrapping_add(image as u64);
     let mut rng = rand::rngs::StdRng::seed_from_u64(key);
-    let n = shape.0 * shape.1 * shape.2;
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
-    Ok(Tensor::from_vec(v, (1, shape.0, shape.1, shape.2), dev)?)
+    seeded_randn(&mut rng, (1, shape.0, shape.1, shape.2), dev)
 }
 
 pub struct EvalResult {

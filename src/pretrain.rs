@@ -20,6 +20,7 @@ use crate::model::weights::read_safetensors;
 use crate::model::{TransformerConfig, Weights};
 use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{images_to_tensor, ShapesPipeline};
+use crate::sampling::seeded_randn;
 use crate::shapes::{random_metadata, scene_for};
 use crate::text::{ShapesTokenizer, TextEncoderConfig};
 use anyhow::{bail, Context, Result};
@@ -76,13 +77,12 @@ pub fn make_batch(
         };
         sigmas.push(sigma as f32);
     }
-    let n = pt.batch_size * shape.0 * shape.1 * shape.2;
-    let noise: Vec<f32> = (0..n).map(|_| StandardNormal.sample(&mut rng)).collect();
+    let noise = seeded_randn(&mut rng, (pt.batch_size, shape.0, shape.1, shape.2), dev)?;
     Ok(Batch {
         x0: images_to_tensor(&images, dev)?,
         captions,
         sigmas,
-        noise: Tensor::from_vec(noise, (pt.batch_size, shape.0, shape.1, shape.2), dev)?,
+        noise,
     })
 }
 

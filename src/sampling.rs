@@ -34,6 +34,21 @@ use candle_core::{DType, Tensor};
 /// Training timesteps of the flow-matching schedulers (`num_train_timesteps`).
 const NUM_TRAIN_TIMESTEPS: f64 = 1000.0;
 
+/// Gaussian noise of `shape` drawn from `rng` in row-major order (Candle's own CPU `randn` cannot be
+/// seeded); every seeded noise of rollouts, evaluations and pretraining comes from here.
+pub fn seeded_randn(
+    rng: &mut impl rand::Rng,
+    shape: (usize, usize, usize, usize),
+    dev: &candle_core::Device,
+) -> Result<Tensor> {
+    use rand_distr::Distribution;
+    let n = shape.0 * shape.1 * shape.2 * shape.3;
+    let v: Vec<f32> = (0..n)
+        .map(|_| rand_distr::StandardNormal.sample(&mut *rng))
+        .collect();
+    Ok(Tensor::from_vec(v, shape, dev)?)
+}
+
 /// SD3's time shift.
 pub fn shift_sigma(sigma: f64, shift: f64) -> f64 {
     shift * sigma / (1.0 + (shift - 1.0) * sigma)

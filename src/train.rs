@@ -21,12 +21,11 @@ use crate::model::{Trainable, Weights};
 use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{tensor_to_images, ShapesPipeline};
 use crate::reward::Rewards;
-use crate::sampling::{sample, schedule, Conditioning};
+use crate::sampling::{sample, schedule, seeded_randn as randn, Conditioning};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
 use rand::SeedableRng;
-use rand_distr::{Distribution, StandardNormal};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -40,16 +39,6 @@ fn rng(seed: u64, epoch: usize, purpose: u64) -> rand::rngs::StdRng {
         seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
             ^ ((epoch as u64) << 16).wrapping_add(purpose.wrapping_mul(0xD1B5_4A32_D192_ED03)),
     )
-}
-
-fn randn(
-    rng: &mut impl rand::Rng,
-    shape: (usize, usize, usize, usize),
-    dev: &Device,
-) -> Result<Tensor> {
-    let n = shape.0 * shape.1 * shape.2 * shape.3;
-    let v: Vec<f32> = (0..n).map(|_| StandardNormal.sample(rng)).collect();
-    Ok(Tensor::from_vec(v, shape, dev)?)
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
