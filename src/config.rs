@@ -285,6 +285,9 @@ pub struct PretrainConfig {
     pub learning_rate: f64,
     /// Linear learning-rate warm-up steps.
     pub warmup_steps: usize,
+    /// Final steps over which the learning rate falls linearly to zero (0 = constant to the end).
+    /// Until the cool-down starts a run cut at step N equals a run configured with `steps = N`.
+    pub decay_steps: usize,
     pub weight_decay: f64,
     pub max_grad_norm: f64,
     /// Probability of training on the empty prompt (makes classifier-free guidance possible).
@@ -314,6 +317,7 @@ impl Default for PretrainConfig {
             batch_size: 64,
             learning_rate: 1e-3,
             warmup_steps: 100,
+            decay_steps: 0,
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             caption_dropout: 0.1,
@@ -539,6 +543,13 @@ impl Config {
         ] {
             need(v > 0.0, format!("pretrain.{k} = {v} must be positive"));
         }
+        need(
+            pt.warmup_steps + pt.decay_steps <= pt.steps,
+            format!(
+                "pretrain.warmup_steps = {} plus pretrain.decay_steps = {} exceed pretrain.steps = {}",
+                pt.warmup_steps, pt.decay_steps, pt.steps
+            ),
+        );
         need(
             pt.weight_decay >= 0.0,
             format!("pretrain.weight_decay = {} must be ≥ 0", pt.weight_decay),

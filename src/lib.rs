@@ -7,6 +7,7 @@ pub mod geneval;
 pub mod io;
 pub mod model;
 pub mod optim;
+pub mod par;
 pub mod pipeline;
 pub mod plan;
 pub mod pretrain;

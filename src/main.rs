@@ -22,6 +22,10 @@ struct Cli {
     /// Only warnings and errors.
     #[arg(short, long, global = true)]
     quiet: bool,
+    /// Worker threads for batch-parallel CPU work (default: all available cores). Results are
+    /// reproducible bit for bit for a given thread count.
+    #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=256))]
+    threads: Option<u32>,
     #[command(subcommand)]
     command: Command,
 }
@@ -117,6 +121,16 @@ fn init_logging(verbose: u8, quiet: bool) {
 
 fn main() {
     let cli = Cli::parse();
+    // dgpo parallelises over the batch (`dgpo::par`); Candle's own CPU kernels run single-threaded
+    // unless the user asks otherwise. Set before any other thread exists.
+    if std::env::var_os("RAYON_NUM_THREADS").is_none()
+        && std::env::var_os("CANDLE_NUM_THREADS").is_none()
+    {
+        std::env::set_var("RAYON_NUM_THREADS", "1");
+    }
+    if let Some(n) = cli.threads {
+        dgpo::par::set_threads(n as usize);
+    }
     init_logging(cli.verbose, cli.quiet);
     if let Err(e) = run(cli) {
         eprintln!("error: {e:#}");

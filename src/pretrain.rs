@@ -37,6 +37,9 @@ struct State {
     step: usize,
     wall_s: f64,
     config: String,
+    /// Batch shards per step (`dgpo --threads`): results are bit-for-bit only for the same count.
+    #[serde(default)]
+    workers: Option<usize>,
 }
 
 /// A training batch drawn for one step.
@@ -45,6 +48,18 @@ pub struct Batch {
     pub captions: Vec<String>,
     pub sigmas: Vec<f32>,
     pub noise: Tensor,
+}
+
+impl Batch {
+    /// Rows `r` of the batch.
+    pub fn narrow(&self, r: std::ops::Range<usize>) -> Result<Batch> {
+        Ok(Batch {
+            x0: self.x0.narrow(0, r.start, r.len())?,
+            captions: self.captions[r.clone()].to_vec(),
+            sigmas: self.sigmas[r.clone()].to_vec(),
+            noise: self.noise.narrow(0, r.start, r.len())?,
+        })
+    }
 }
 
 /// The batch of step `step`: deterministic in `(seed, step)`.
@@ -103,14 +118,23 @@ pub fn flow_matching_loss(pipe: &ShapesPipeline, b: &Batch) -> Result<Tensor> {
     Ok((v - target)?.sqr()?.mean_all()?)
 }
 
-/// Linear warm-up, then constant: stopping a run at step N gives exactly the model a run configured
-/// with `steps = N` gives, so a base model can be cut at any step and still be reproduced bit for bit.
+/// Linear warm-up, constant, then (with `decay_steps`) a linear cool-down to zero over the last steps.
+/// Before the cool-down, stopping a run at step N gives exactly the model a run configured with
+/// `steps = N` gives; a cool-down can be added later by resuming with a larger `steps`.
 fn lr_at(cfg: &Config, step: usize) -> f64 {
     let pt = &cfg.pretrain;
-    if step < pt.warmup_steps {
-        return pt.learning_rate * (step + 1) as f64 / pt.warmup_steps as f64;
-    }
-    pt.learning_rate
+    let warm = if step < pt.warmup_steps {
+        (step + 1) as f64 / pt.warmup_steps as f64
+    } else {
+        1.0
+    };
+    let left = pt.steps.saturating_sub(step);
+    let cool = if pt.decay_steps > 0 && left <= pt.decay_steps {
+        left as f64 / (pt.decay_steps + 1) as f64
+    } else {
+        1.0
+    };
+    pt.learning_rate * warm * cool
 }
 
 /// Everything pretraining reads, checked before the first step.
@@ -226,6 +250,11 @@ pub fn run_until(
         },
     )?;
     let mut ema = Shadow::of(&vars)?;
+    let workers = if dev.is_cpu() {
+        crate::par::threads()
+    } else {
+        1
+    };
     let mut start = 0usize;
     let mut wall0 = 0f64;
     let metrics = out.join("metrics.jsonl");
@@ -260,6 +289,13 @@ pub fn run_until(
             moments.insert(k, v);
         }
         opt.load_state(moments, st.step as u64)?;
+        if let Some(w) = st.workers.filter(|&w| w != workers) {
+            tracing::warn!(
+                "the checkpoint was written with {w} worker threads, this run uses {workers}: \
+                 it continues correctly but will not equal an uninterrupted run bit for bit \
+                 (pass --threads {w} for that)"
+            );
+        }
         start = st.step;
         wall0 = st.wall_s;
         crate::io::retain_jsonl(&metrics, "step", |s| s as usize <= start)?;
@@ -270,6 +306,7 @@ pub fn run_until(
         text_encoder_params = pipe.text.num_params(),
         steps = pt.steps,
         batch = pt.batch_size,
+        workers,
         "pretraining the shapes model into {}",
         out.display()
     );
@@ -304,6 +341,7 @@ pub fn run_until(
             step,
             wall_s: wall,
             config: cfg.to_toml(),
+            workers: Some(workers),
         };
         write_atomic(
             &s.join("state.json"),
@@ -326,14 +364,23 @@ pub fn run_until(
     };
     for step in start..pt.steps {
         let batch = make_batch(cfg, step, shape, dev)?;
-        let loss = flow_matching_loss(&pipe, &batch)?;
-        let lv = loss.to_scalar::<f32>()? as f64;
+        // One shard of the batch per worker thread; shard losses are weighted so that their sum is
+        // the batch mean, and their gradients are summed in shard order.
+        let ranges = crate::par::shards(pt.batch_size, workers, 1);
+        let parts = crate::par::map_shards(&ranges, |r| {
+            let loss = (flow_matching_loss(&pipe, &batch.narrow(r.clone())?)?
+                * (r.len() as f64 / pt.batch_size as f64))?;
+            let lv = loss.to_scalar::<f32>()? as f64;
+            Ok((lv, loss.backward()?))
+        })?;
+        let lv: f64 = parts.iter().map(|(l, _)| l).sum();
         if !lv.is_finite() {
             bail!("pretraining loss is {lv} at step {step}: lower pretrain.learning_rate");
         }
-        let grads = loss.backward()?;
         let mut acc = opt.accum();
-        opt.add(&mut acc, &grads)?;
+        for (_, grads) in &parts {
+            opt.add(&mut acc, grads)?;
+        }
         let lr = lr_at(cfg, step);
         let gn = opt.step(acc, lr, Some(pt.max_grad_norm))?;
         let decay = pt.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
@@ -399,4 +446,25 @@ pub fn run_until(
 /// Where `dgpo pretrain` writes when no `--out` is given.
 pub fn default_out(cfg: &Config) -> PathBuf {
     cfg.run.out_dir.clone()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn learning_rate_warms_up_holds_and_cools_down_to_zero() {
+        let mut cfg = Config::default();
+        cfg.pretrain.steps = 10;
+        cfg.pretrain.learning_rate = 1.0;
+        cfg.pretrain.warmup_steps = 2;
+        cfg.pretrain.decay_steps = 3;
+        let lrs: Vec<f64> = (0..10).map(|s| lr_at(&cfg, s)).collect();
+        let expect = [0.5, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 0.75, 0.5, 0.25];
+        for (a, b) in lrs.iter().zip(expect) {
+            assert!((a - b).abs() < 1e-12, "{lrs:?}");
+        }
+        cfg.pretrain.decay_steps = 0;
+        assert_eq!(lr_at(&cfg, 9), 1.0);
+    }
 }

@@ -386,7 +386,7 @@ impl TextEncoder {
             let a = attention(&q, &k, &v)?.transpose(1, 2)?.reshape((b, l, w))?;
             h = (h + self.linear(&a, &format!("{p}.attn.out"), track)?)?;
             let x = self.ln(&h, &format!("{p}.ln2"), track)?;
-            let x = self.linear(&x, &format!("{p}.mlp.fc1"), track)?.gelu()?;
+            let x = crate::model::nn::gelu(&self.linear(&x, &format!("{p}.mlp.fc1"), track)?)?;
             h = (h + self.linear(&x, &format!("{p}.mlp.fc2"), track)?)?;
         }
         let h = self.ln(&h, "final_ln", track)?;

@@ -6,7 +6,7 @@ use super::config::TransformerConfig;
 use super::linear::{Linear, Param, Weights};
 use super::lora::LoraAdapter;
 use super::mmdit::Trainable;
-use super::nn::{attention, layer_norm_no_affine, modulate, rms_norm};
+use super::nn::{attention, gelu, layer_norm_no_affine, modulate, rms_norm};
 use super::weights::WeightStore;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -211,7 +211,7 @@ impl FeedForward {
     }
 
     fn forward(&self, x: &Tensor, w: Weights) -> Result<Tensor> {
-        Ok(self.down.forward(&self.up.forward(x, w)?.gelu()?, w)?)
+        Ok(self.down.forward(&gelu(&self.up.forward(x, w)?)?, w)?)
     }
 }
 

@@ -3,6 +3,7 @@
 
 mod block;
 pub mod config;
+pub mod fused;
 pub mod init;
 pub mod linear;
 pub mod lora;

@@ -6,6 +6,7 @@
 //! `frozen_matmul` is a matmul whose backward returns the input gradient only, so a LoRA step does not
 //! pay for gradients of the frozen base weights.
 
+use super::fused;
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Shape, Tensor, D};
 
@@ -13,6 +14,9 @@ use candle_core::{CpuStorage, CudaStorage, CustomOp2, DType, Layout, Result, Sha
 pub fn softmax_last_dim(x: &Tensor) -> Result<Tensor> {
     if !x.track_op() {
         return candle_nn::ops::softmax_last_dim(x);
+    }
+    if fused_ok(x) {
+        return x.contiguous()?.apply_op1(fused::Softmax);
     }
     // Subtracting a constant does not change softmax or its gradient, so the max may be detached.
     let max = x.max_keepdim(D::Minus1)?.detach();
@@ -28,6 +32,11 @@ pub fn layer_norm_no_affine(x: &Tensor, eps: f64) -> Result<Tensor> {
         let zeros = Tensor::zeros(d, x.dtype(), x.device())?;
         return candle_nn::ops::layer_norm(x, &ones, &zeros, eps as f32);
     }
+    if fused_ok(x) {
+        return x
+            .contiguous()?
+            .apply_op1(fused::LayerNorm { eps: eps as f32 });
+    }
     let mean = x.mean_keepdim(D::Minus1)?;
     let xc = x.broadcast_sub(&mean)?;
     let var = xc.sqr()?.mean_keepdim(D::Minus1)?;
@@ -39,9 +48,27 @@ pub fn rms_norm(x: &Tensor, weight: &Tensor, eps: f32) -> Result<Tensor> {
     if !x.track_op() && !weight.track_op() && x.is_contiguous() && x.dtype() != DType::F64 {
         return candle_nn::ops::rms_norm(x, weight, eps);
     }
+    if fused_ok(x) && weight.dtype() == DType::F32 {
+        return x
+            .contiguous()?
+            .apply_op2(&weight.contiguous()?, fused::RmsNorm { eps });
+    }
     let ms = x.sqr()?.mean_keepdim(D::Minus1)?;
     x.broadcast_mul(&(ms + eps as f64)?.sqrt()?.recip()?)?
         .broadcast_mul(weight)
+}
+
+/// GELU with the tanh approximation; the fused kernel (with its own backward) on CPU f32.
+pub fn gelu(x: &Tensor) -> Result<Tensor> {
+    if fused_ok(x) {
+        return x.contiguous()?.apply_op1(fused::GeluTanh);
+    }
+    x.gelu()
+}
+
+/// Whether the fused CPU kernels of [`fused`] apply to `x`.
+fn fused_ok(x: &Tensor) -> bool {
+    x.device().is_cpu() && x.dtype() == DType::F32
 }
 
 /// `x * (1 + scale) + shift` with per-sample `scale`, `shift` of shape `[B, C]` broadcast over tokens.
