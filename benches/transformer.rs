@@ -64,33 +64,6 @@ fn cases() -> Vec<Case> {
     ]
 }
 
-/// Multiply–add FLOPs of one forward pass for one sample.
-fn forward_flops(cfg: &TransformerConfig, n_img: usize, n_txt: usize) -> f64 {
-    let mut f = 0.0;
-    for (name, i, o) in cfg.linear_shapes() {
-        let tokens = if name.contains("add_")
-            || name.contains("to_add_out")
-            || name.contains("ff_context")
-            || name == "context_embedder"
-        {
-            n_txt
-        } else if name.contains("norm1")
-            || name.contains("norm_out")
-            || name.starts_with("time_text_embed")
-        {
-            1
-        } else {
-            n_img
-        };
-        f += 2.0 * (i * o * tokens) as f64;
-    }
-    let d = cfg.inner_dim() as f64;
-    let t = (n_img + n_txt) as f64;
-    f += cfg.num_layers as f64 * 4.0 * t * t * d;
-    f += cfg.dual_attention_layers.len() as f64 * 4.0 * (n_img * n_img) as f64 * d;
-    f
-}
-
 fn time<F: FnMut()>(mut f: F, reps: usize) -> f64 {
     f(); // warm-up
     let mut v: Vec<f64> = (0..reps)
@@ -151,7 +124,7 @@ fn main() {
         .unwrap();
         let pooled = Tensor::randn(0f32, 1.0, (b, c.cfg.pooled_projection_dim), &dev).unwrap();
         let n_img = (c.latent / c.cfg.patch_size).pow(2);
-        let flops = forward_flops(&c.cfg, n_img, c.text_tokens);
+        let flops = c.cfg.forward_flops(n_img, c.text_tokens);
 
         let fwd = time(
             || {

@@ -307,6 +307,36 @@ pub fn guided_velocity_at(
     }
 }
 
+/// [`guided_velocity_at`] without gradients, the batch split over the worker threads on the CPU
+/// ([`crate::par`]).
+pub fn velocity_sharded(
+    model: &MMDiT,
+    x: &Tensor,
+    timestep: f32,
+    cond: &Conditioning,
+    uncond: Option<&Conditioning>,
+    guidance: f64,
+    w: Weights,
+) -> Result<Tensor> {
+    let n = x.dim(0)?;
+    let parts = if x.device().is_cpu() {
+        crate::par::threads()
+    } else {
+        1
+    };
+    let ranges = crate::par::shards(n, parts, 1);
+    if ranges.len() <= 1 {
+        return guided_velocity_at(model, x, timestep, cond, uncond, guidance, w);
+    }
+    let outs = crate::par::map_shards(&ranges, |r| {
+        let x = x.narrow(0, r.start, r.len())?;
+        let c = cond.narrow(r.clone())?;
+        let u = uncond.map(|u| u.narrow(r.clone())).transpose()?;
+        guided_velocity_at(model, &x, timestep, &c, u.as_ref(), guidance, w)
+    })?;
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
 /// [`guided_velocity_at`] at `t = 1000·σ` (f32).
 pub fn guided_velocity(
     model: &MMDiT,

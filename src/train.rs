@@ -236,6 +236,11 @@ pub fn run_until(
     let shape = pipe.image_shape();
     let g = s.group_size;
     let per_epoch = s.batch_size * s.num_batches_per_epoch;
+    let workers = if dev.is_cpu() {
+        crate::par::threads()
+    } else {
+        1
+    };
     let n_groups = per_epoch / g;
     let sched = schedule(s.sampler, s.num_steps, s.flow_shift);
     let empty = pipe.encode(&[""])?;
@@ -352,6 +357,7 @@ pub fn run_until(
         let use_ref_weights = opt.step as usize > t.switch_ema_ref;
         let mut x0s = vec![];
         let mut conds = vec![];
+        let bar = stage_bar(per_epoch, &format!("epoch {epoch} rollout"), "images");
         for b in 0..s.num_batches_per_epoch {
             let range = b * s.batch_size..(b + 1) * s.batch_size;
             let ps: Vec<&str> = prompts[range.clone()].iter().map(|p| p.as_str()).collect();
@@ -377,7 +383,9 @@ pub fn run_until(
             };
             x0s.push(x0);
             conds.push(cond);
+            bar.inc(s.batch_size as u64);
         }
+        bar.finish_and_clear();
         let x0_all = Tensor::cat(&x0s, 0)?;
         let cond_all = Conditioning::cat(&conds.iter().collect::<Vec<_>>())?;
         let roll_s = t_roll.elapsed().as_secs_f64();
@@ -395,6 +403,11 @@ pub fn run_until(
         let n_micro = per_epoch / t.batch_size;
         let passes = (n_micro * js.len()) as f64;
         let (mut pl, mut kl, mut clip, mut lsum) = (0f64, 0f64, 0f64, 0f64);
+        let bar = stage_bar(
+            n_micro * js.len(),
+            &format!("epoch {epoch} update"),
+            "passes",
+        );
         for mb in 0..n_micro {
             let lo = mb * t.batch_size;
             let n = t.batch_size;
@@ -413,50 +426,77 @@ pub fn run_until(
                 let eps = gn.index_select(&Tensor::new(idx.as_slice(), dev)?, 0)?;
                 let xt = ((&x0 * (1.0 - sigma as f64))? + (&eps * sigma as f64)?)?;
                 let target = (&eps - &x0)?;
-                let tt = Tensor::full(sched.timesteps[j], n, dev)?;
+                let tj = sched.timesteps[j];
                 let m = &pipe.transformer;
-                let v_ref = if t.kl_cfg > 1.0 {
-                    let u = empty.repeat(n)?;
-                    crate::sampling::guided_velocity_at(
+                // The frozen velocities over the whole micro-batch (sharded over worker threads
+                // inside); v_old under the EMA-reference weights, swapped in once.
+                let u = empty.repeat(n)?;
+                let v_ref = crate::sampling::velocity_sharded(
+                    m,
+                    &xt,
+                    tj,
+                    &cond,
+                    (t.kl_cfg > 1.0).then_some(&u),
+                    t.kl_cfg,
+                    Weights::Reference,
+                )?;
+                let v_old = ema_ref.with(&vars, || {
+                    crate::sampling::velocity_sharded(
                         m,
                         &xt,
-                        sched.timesteps[j],
+                        tj,
                         &cond,
-                        Some(&u),
-                        t.kl_cfg,
-                        Weights::Reference,
-                    )?
-                } else {
-                    m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Reference)?
-                };
-                let v_old = ema_ref.with(&vars, || {
-                    m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::PolicyNoGrad)
+                        None,
+                        1.0,
+                        Weights::PolicyNoGrad,
+                    )
                 })?;
-                let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
-                let l_theta = per_sample_mse(&target, &v)?;
-                let l_ref = per_sample_mse(&target, &v_ref)?;
-                let l_old = per_sample_mse(&target, &v_old)?;
-                let kl_i = per_sample_mse(&v, &v_ref.detach())?;
-                let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, a, g, &params)?;
-                let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                if !lv.is_finite() {
-                    bail!(
-                        "epoch {epoch}: the DGPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
-                         lower train.learning_rate or train.beta_dpo",
-                        terms.policy_loss,
-                        terms.kl
-                    );
+                // The policy forward, loss and backward: one shard of whole groups per worker. The
+                // loss is a mean over samples, so shard losses weighted by their share sum to it.
+                let ranges = crate::par::shards(n, workers, g);
+                let parts = crate::par::map_shards(&ranges, |r| {
+                    let (lo, len) = (r.start, r.len());
+                    let cond = cond.narrow(r.clone())?;
+                    let xt = xt.narrow(0, lo, len)?;
+                    let target = target.narrow(0, lo, len)?;
+                    let v_ref = v_ref.narrow(0, lo, len)?;
+                    let tt = Tensor::full(tj, len, dev)?;
+                    let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+                    let l_theta = per_sample_mse(&target, &v)?;
+                    let l_ref = per_sample_mse(&target, &v_ref)?;
+                    let l_old = per_sample_mse(&target, &v_old.narrow(0, lo, len)?)?;
+                    let kl_i = per_sample_mse(&v, &v_ref.detach())?;
+                    let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
+                    let share = len as f64 / n as f64;
+                    let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                    // Gradients accumulate over all micro-batches and indices: one step per epoch,
+                    // the loss averaged over the passes as accelerate's accumulation does.
+                    let grads = if lv.is_finite() {
+                        Some((terms.loss.clone() * (share / passes))?.backward()?)
+                    } else {
+                        None
+                    };
+                    Ok((terms, share, lv, grads))
+                })?;
+                for (terms, share, lv, grads) in parts {
+                    let Some(grads) = grads else {
+                        bail!(
+                            "epoch {epoch}: the DGPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
+                             lower train.learning_rate or train.beta_dpo",
+                            terms.policy_loss,
+                            terms.kl
+                        );
+                    };
+                    opt.add(&mut acc, &grads)?;
+                    pl += share * terms.policy_loss as f64;
+                    kl += share * terms.kl as f64;
+                    clip += share * terms.clip_frac as f64;
+                    lsum += share * lv as f64;
                 }
-                // Gradients accumulate over all micro-batches and indices: one step per epoch, the loss
-                // averaged over the passes as accelerate's accumulation does.
-                let grads = (terms.loss / passes)?.backward()?;
-                opt.add(&mut acc, &grads)?;
-                pl += terms.policy_loss as f64;
-                kl += terms.kl as f64;
-                clip += terms.clip_frac as f64;
-                lsum += lv as f64;
+                bar.inc(1);
             }
         }
+        bar.finish_and_clear();
         let gn = opt.step(acc, t.learning_rate, Some(t.max_grad_norm))?;
         let step = opt.step;
         ema_ref.update(&vars, (0.001 * step as f64).min(0.3))?;
@@ -513,4 +553,16 @@ pub fn run_until(
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// A progress bar for one stage of an epoch (drawn on stderr when it is a terminal).
+fn stage_bar(len: usize, what: &str, unit: &str) -> indicatif::ProgressBar {
+    let bar = indicatif::ProgressBar::new(len as u64);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template(&format!(
+            "{what} {{bar:30}} {{pos}}/{{len}} {unit} [{{elapsed_precise}}<{{eta_precise}}]"
+        ))
+        .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    bar
 }

@@ -143,6 +143,34 @@ impl TransformerConfig {
         Ok(())
     }
 
+    /// FLOPs (2 per multiply–add) of one forward pass for one sample with `n_img` image and `n_txt`
+    /// text tokens: every linear layer at its token count, plus attention scores and mixing.
+    pub fn forward_flops(&self, n_img: usize, n_txt: usize) -> f64 {
+        let mut f = 0.0;
+        for (name, i, o) in self.linear_shapes() {
+            let tokens = if name.contains("add_")
+                || name.contains("to_add_out")
+                || name.contains("ff_context")
+                || name == "context_embedder"
+            {
+                n_txt
+            } else if name.contains("norm1")
+                || name.contains("norm_out")
+                || name.starts_with("time_text_embed")
+            {
+                1
+            } else {
+                n_img
+            };
+            f += 2.0 * (i * o * tokens) as f64;
+        }
+        let d = self.inner_dim() as f64;
+        let t = (n_img + n_txt) as f64;
+        f += self.num_layers as f64 * 4.0 * t * t * d;
+        f += self.dual_attention_layers.len() as f64 * 4.0 * (n_img * n_img) as f64 * d;
+        f
+    }
+
     /// Every linear layer as (diffusers module name, in features, out features), in checkpoint order.
     pub fn linear_shapes(&self) -> Vec<(String, usize, usize)> {
         let d = self.inner_dim();
