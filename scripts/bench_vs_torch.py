@@ -106,8 +106,9 @@ def main():
 
     def dgpo_pass():
         with torch.no_grad():
-            with model.disable_adapter():
-                v_ref = fwd(x, t500, ctx, pooled)
+            model.disable_adapters()
+            v_ref = fwd(x, t500, ctx, pooled)
+            model.enable_adapters()
             v_old = fwd(x, t500, ctx, pooled)
         opt.zero_grad(set_to_none=True)
         v = fwd(x, t500, ctx, pooled)
