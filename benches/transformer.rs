@@ -8,7 +8,9 @@ use candle_core::{DType, Device, Tensor};
 use dgpo::model::init::init_weights;
 use dgpo::model::lora::LoraSpec;
 use dgpo::model::{MMDiT, Trainable, TransformerConfig, WeightStore, Weights};
-use std::time::Instant;
+mod common;
+
+use common::median as time;
 
 struct Case {
     name: &'static str,
@@ -62,19 +64,6 @@ fn cases() -> Vec<Case> {
             rank: 16,
         },
     ]
-}
-
-fn time<F: FnMut()>(mut f: F, reps: usize) -> f64 {
-    f(); // warm-up
-    let mut v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[reps / 2]
 }
 
 fn main() {

@@ -25,25 +25,14 @@ use dgpo::model::{MMDiT, Trainable, TransformerConfig, WeightStore, Weights};
 use dgpo::optim::{AdamW, AdamWParams};
 use dgpo::par;
 use dgpo::sampling::{sample, schedule, velocity_sharded, Conditioning};
-use std::time::Instant;
+mod common;
+
+use common::median;
 
 const BATCH: usize = 32;
 const TEXT_TOKENS: usize = 16;
 const GROUP: usize = 8;
 const STEPS: usize = 10;
-
-fn median<F: FnMut()>(mut f: F, reps: usize) -> f64 {
-    f(); // warm-up
-    let mut v: Vec<f64> = (0..reps)
-        .map(|_| {
-            let s = Instant::now();
-            f();
-            s.elapsed().as_secs_f64()
-        })
-        .collect();
-    v.sort_by(|a, b| a.total_cmp(b));
-    v[reps / 2]
-}
 
 fn main() -> anyhow::Result<()> {
     // As `dgpo` itself does: Candle single-threaded, parallelism over batch shards.

@@ -29,6 +29,15 @@ pub fn threads() -> usize {
     }
 }
 
+/// Batch shards for tensors on `dev`: [`threads`] on the CPU, 1 elsewhere.
+pub fn workers_for(dev: &candle_core::Device) -> usize {
+    if dev.is_cpu() {
+        threads()
+    } else {
+        1
+    }
+}
+
 /// Splits `0..len` into at most `parts` contiguous, non-empty ranges whose starts are multiples of
 /// `align` (so shards hold whole groups); `len` must be a multiple of `align`.
 pub fn shards(len: usize, parts: usize, align: usize) -> Vec<Range<usize>> {

@@ -250,11 +250,7 @@ pub fn run_until(
         },
     )?;
     let mut ema = Shadow::of(&vars)?;
-    let workers = if dev.is_cpu() {
-        crate::par::threads()
-    } else {
-        1
-    };
+    let workers = crate::par::workers_for(dev);
     let mut start = 0usize;
     let mut wall0 = 0f64;
     let metrics = out.join("metrics.jsonl");

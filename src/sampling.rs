@@ -307,8 +307,30 @@ pub fn guided_velocity_at(
     }
 }
 
-/// [`guided_velocity_at`] without gradients, the batch split over the worker threads on the CPU
-/// ([`crate::par`]).
+/// Applies `f(x, cond, uncond)` to the batch: on the CPU to one slice per worker thread
+/// ([`crate::par`]), the results concatenated in order; elsewhere to the whole batch.
+fn per_shard(
+    x: &Tensor,
+    cond: &Conditioning,
+    uncond: Option<&Conditioning>,
+    f: impl Fn(&Tensor, &Conditioning, Option<&Conditioning>) -> Result<Tensor> + Sync,
+) -> Result<Tensor> {
+    let ranges = crate::par::shards(x.dim(0)?, crate::par::workers_for(x.device()), 1);
+    if ranges.len() <= 1 {
+        return f(x, cond, uncond);
+    }
+    let outs = crate::par::map_shards(&ranges, |r| {
+        let u = uncond.map(|u| u.narrow(r.clone())).transpose()?;
+        f(
+            &x.narrow(0, r.start, r.len())?,
+            &cond.narrow(r)?,
+            u.as_ref(),
+        )
+    })?;
+    Ok(Tensor::cat(&outs, 0)?)
+}
+
+/// [`guided_velocity_at`] without gradients, the batch split over the worker threads on the CPU.
 pub fn velocity_sharded(
     model: &MMDiT,
     x: &Tensor,
@@ -318,23 +340,9 @@ pub fn velocity_sharded(
     guidance: f64,
     w: Weights,
 ) -> Result<Tensor> {
-    let n = x.dim(0)?;
-    let parts = if x.device().is_cpu() {
-        crate::par::threads()
-    } else {
-        1
-    };
-    let ranges = crate::par::shards(n, parts, 1);
-    if ranges.len() <= 1 {
-        return guided_velocity_at(model, x, timestep, cond, uncond, guidance, w);
-    }
-    let outs = crate::par::map_shards(&ranges, |r| {
-        let x = x.narrow(0, r.start, r.len())?;
-        let c = cond.narrow(r.clone())?;
-        let u = uncond.map(|u| u.narrow(r.clone())).transpose()?;
-        guided_velocity_at(model, &x, timestep, &c, u.as_ref(), guidance, w)
-    })?;
-    Ok(Tensor::cat(&outs, 0)?)
+    per_shard(x, cond, uncond, |x, c, u| {
+        guided_velocity_at(model, x, timestep, c, u, guidance, w)
+    })
 }
 
 /// [`guided_velocity_at`] at `t = 1000·σ` (f32).
@@ -365,27 +373,11 @@ pub fn sample(
     w: Weights,
 ) -> Result<Tensor> {
     // Samples are independent: on the CPU each worker thread integrates its own slice of the batch.
-    let n = noise.dim(0)?;
-    let parts = if noise.device().is_cpu() {
-        crate::par::threads()
-    } else {
-        1
-    };
-    let ranges = crate::par::shards(n, parts, 1);
-    if ranges.len() <= 1 {
-        return integrate(sampler, schedule, noise, |x, _, t| {
-            guided_velocity_at(model, x, t, cond, uncond, guidance, w)
-        });
-    }
-    let outs = crate::par::map_shards(&ranges, |r| {
-        let noise = noise.narrow(0, r.start, r.len())?;
-        let cond = cond.narrow(r.clone())?;
-        let uncond = uncond.map(|u| u.narrow(r.clone())).transpose()?;
-        integrate(sampler, schedule, &noise, |x, _, t| {
-            guided_velocity_at(model, x, t, &cond, uncond.as_ref(), guidance, w)
+    per_shard(noise, cond, uncond, |noise, c, u| {
+        integrate(sampler, schedule, noise, |x, _, t| {
+            guided_velocity_at(model, x, t, c, u, guidance, w)
         })
-    })?;
-    Ok(Tensor::cat(&outs, 0)?)
+    })
 }
 
 /// Integrate the probability-flow ODE from `noise` (at σ = 1) to σ = 0 with Euler steps on `sigmas`

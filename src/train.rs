@@ -236,11 +236,7 @@ pub fn run_until(
     let shape = pipe.image_shape();
     let g = s.group_size;
     let per_epoch = s.batch_size * s.num_batches_per_epoch;
-    let workers = if dev.is_cpu() {
-        crate::par::threads()
-    } else {
-        1
-    };
+    let workers = crate::par::workers_for(dev);
     let n_groups = per_epoch / g;
     let sched = schedule(s.sampler, s.num_steps, s.flow_shift);
     let empty = pipe.encode(&[""])?;
@@ -430,13 +426,13 @@ pub fn run_until(
                 let m = &pipe.transformer;
                 // The frozen velocities over the whole micro-batch (sharded over worker threads
                 // inside); v_old under the EMA-reference weights, swapped in once.
-                let u = empty.repeat(n)?;
+                let u = (t.kl_cfg > 1.0).then(|| empty.repeat(n)).transpose()?;
                 let v_ref = crate::sampling::velocity_sharded(
                     m,
                     &xt,
                     tj,
                     &cond,
-                    (t.kl_cfg > 1.0).then_some(&u),
+                    u.as_ref(),
                     t.kl_cfg,
                     Weights::Reference,
                 )?;

@@ -55,11 +55,18 @@ fn rows<'a>(s: &'a CpuStorage, l: &Layout, op: &str) -> Result<&'a [f32]> {
     }
 }
 
-fn same_shape(a: &Layout, b: &Layout, op: &str) -> Result<()> {
-    if a.shape() != b.shape() {
-        candle_core::bail!("{op}: shapes {:?} and {:?} differ", a.shape(), b.shape());
+/// The two same-shape contiguous f32 inputs of a backward kernel.
+fn rows2<'a>(
+    s1: &'a CpuStorage,
+    l1: &Layout,
+    s2: &'a CpuStorage,
+    l2: &Layout,
+    op: &str,
+) -> Result<(&'a [f32], &'a [f32])> {
+    if l1.shape() != l2.shape() {
+        candle_core::bail!("{op}: shapes {:?} and {:?} differ", l1.shape(), l2.shape());
     }
-    Ok(())
+    Ok((rows(s1, l1, op)?, rows(s2, l2, op)?))
 }
 
 fn last_dim(l: &Layout) -> Result<usize> {
@@ -112,9 +119,7 @@ impl CustomOp2 for GeluTanhGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2, self.name())?;
-        let x = rows(s1, l1, self.name())?;
-        let g = rows(s2, l2, self.name())?;
+        let (x, g) = rows2(s1, l1, s2, l2, self.name())?;
         let dx: Vec<f32> = x
             .iter()
             .zip(g)
@@ -178,9 +183,7 @@ impl CustomOp2 for SoftmaxGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2, self.name())?;
-        let y = rows(s1, l1, self.name())?;
-        let g = rows(s2, l2, self.name())?;
+        let (y, g) = rows2(s1, l1, s2, l2, self.name())?;
         let d = last_dim(l1)?;
         let mut dx = vec![0f32; y.len()];
         for ((yr, gr), dr) in y
@@ -254,9 +257,7 @@ impl CustomOp2 for LayerNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2, self.name())?;
-        let x = rows(s1, l1, self.name())?;
-        let g = rows(s2, l2, self.name())?;
+        let (x, g) = rows2(s1, l1, s2, l2, self.name())?;
         let d = last_dim(l1)?;
         let n = d as f32;
         let mut dx = vec![0f32; x.len()];
@@ -337,7 +338,11 @@ impl CustomOp2 for RmsNorm {
                 w: w.detach(),
             },
         )?;
-        // ∂w = Σ_rows g ⊙ x̂, with x̂ = x / rms(x) (the op with a unit weight).
+        // ∂w = Σ_rows g ⊙ x̂, with x̂ = x / rms(x) (the op with a unit weight); skipped for a frozen
+        // weight (the qk norms of a LoRA model), whose gradient nobody reads.
+        if !w.track_op() {
+            return Ok((Some(dx), None));
+        }
         let d = w.dim(0)?;
         let ones = Tensor::ones(d, w.dtype(), w.device())?;
         let xhat = x.apply_op2_no_bwd(&ones, &RmsNorm { eps: self.eps })?;
@@ -364,9 +369,7 @@ impl CustomOp2 for RmsNormGrad {
         s2: &CpuStorage,
         l2: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
-        same_shape(l1, l2, self.name())?;
-        let x = rows(s1, l1, self.name())?;
-        let g = rows(s2, l2, self.name())?;
+        let (x, g) = rows2(s1, l1, s2, l2, self.name())?;
         let d = last_dim(l1)?;
         let w: Vec<f32> = self.w.flatten_all()?.to_vec1()?;
         if w.len() != d {
