@@ -9,7 +9,7 @@
 //! Determinism: everything random is seeded by `(run.seed, epoch, purpose)`, so a resumed run repeats
 //! an uninterrupted one (its metrics match, timings aside).
 
-use crate::config::Config;
+use crate::config::{Config, PromptSampling};
 use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
 use crate::eval::{evaluate, EvalSettings};
 use crate::geneval::{read_metadata, Metadata};
@@ -25,7 +25,7 @@ use crate::sampling::{sample, schedule, seeded_randn as randn, Conditioning};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
-use rand::SeedableRng;
+use rand::{Rng, SeedableRng};
 use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -58,6 +58,33 @@ pub fn epoch_prompts(n_train: usize, n_groups: usize, seed: u64, epoch: usize) -
         let mut idx: Vec<usize> = (0..n_train).collect();
         idx.shuffle(&mut r);
         out.extend(idx.into_iter().take(n_groups - out.len()));
+    }
+    out
+}
+
+/// As [`epoch_prompts`] with `prompts.sampling = "by_tag"`: group `k` takes the `k`-th tag of a
+/// random cycle over the distinct tags (first-seen order, reshuffled each cycle), then a prompt of
+/// that tag uniformly at random. `tags[i]` is the tag of training prompt `i`.
+pub fn epoch_prompts_by_tag(tags: &[&str], n_groups: usize, seed: u64, epoch: usize) -> Vec<usize> {
+    let mut r = rng(seed, epoch, 1);
+    let mut names: Vec<&str> = Vec::new();
+    let mut members: Vec<Vec<usize>> = Vec::new();
+    for (i, t) in tags.iter().enumerate() {
+        match names.iter().position(|n| n == t) {
+            Some(k) => members[k].push(i),
+            None => {
+                names.push(t);
+                members.push(vec![i]);
+            }
+        }
+    }
+    let mut out = Vec::with_capacity(n_groups);
+    while out.len() < n_groups && !names.is_empty() {
+        let mut cycle: Vec<usize> = (0..names.len()).collect();
+        cycle.shuffle(&mut r);
+        for k in cycle.into_iter().take(n_groups - out.len()) {
+            out.push(members[k][r.random_range(0..members[k].len())]);
+        }
     }
     out
 }
@@ -336,7 +363,15 @@ pub fn run_until(
         }
         // ---- rollouts ----
         let t_roll = Instant::now();
-        let chosen = epoch_prompts(train_metas.len(), n_groups, cfg.run.seed, epoch);
+        let chosen = match cfg.prompts.sampling {
+            PromptSampling::Uniform => {
+                epoch_prompts(train_metas.len(), n_groups, cfg.run.seed, epoch)
+            }
+            PromptSampling::ByTag => {
+                let tags: Vec<&str> = train_metas.iter().map(|m| m.tag.as_str()).collect();
+                epoch_prompts_by_tag(&tags, n_groups, cfg.run.seed, epoch)
+            }
+        };
         let order: Vec<usize> = chosen
             .iter()
             .flat_map(|&p| std::iter::repeat_n(p, g))
@@ -561,4 +596,40 @@ fn stage_bar(len: usize, what: &str, unit: &str) -> indicatif::ProgressBar {
         .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
     );
     bar
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn by_tag_sampling_balances_tags_whatever_the_file_holds() {
+        // 1 prompt of tag "a", 2 of "b", 97 of "c": uniform sampling would almost never pick "a".
+        let mut tags = vec!["a", "b", "b"];
+        tags.extend(std::iter::repeat_n("c", 97));
+        let mut count = [0usize; 3];
+        for epoch in 0..20 {
+            let chosen = epoch_prompts_by_tag(&tags, 6, 7, epoch);
+            assert_eq!(chosen.len(), 6);
+            // every complete cycle of 3 groups holds each tag once
+            for cycle in chosen.chunks(3) {
+                let mut seen: Vec<&str> = cycle.iter().map(|&i| tags[i]).collect();
+                seen.sort();
+                assert_eq!(seen, ["a", "b", "c"]);
+            }
+            for &i in &chosen {
+                count[(tags[i].as_bytes()[0] - b'a') as usize] += 1;
+            }
+        }
+        assert_eq!(count, [40, 40, 40]);
+        // deterministic in (seed, epoch), different across epochs
+        assert_eq!(
+            epoch_prompts_by_tag(&tags, 6, 7, 3),
+            epoch_prompts_by_tag(&tags, 6, 7, 3)
+        );
+        assert_ne!(
+            epoch_prompts_by_tag(&tags, 9, 7, 3),
+            epoch_prompts_by_tag(&tags, 9, 7, 4)
+        );
+    }
 }
