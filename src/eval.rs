@@ -158,12 +158,15 @@ pub fn run_cli(
         .as_ref()
         .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
     let metas = crate::geneval::read_metadata(test)?;
-    let dir = match checkpoint {
-        Some(c) => c.to_path_buf(),
-        None => std::path::PathBuf::from(&cfg.model.pretrained),
-    };
-    let pipe = ShapesPipeline::load(&dir, &crate::model::Trainable::None, dev)
-        .with_context(|| format!("loading the model to evaluate from {}", dir.display()))?;
+    let loaded = crate::checkpoint::load_model(
+        cfg,
+        checkpoint,
+        crate::checkpoint::WeightsChoice::Ema,
+        dev,
+    )
+    .context("loading the model to evaluate")?;
+    let dir = loaded.path.clone();
+    let pipe = loaded.pipe;
     for m in &metas {
         pipe.tokenizer
             .encode(&m.prompt)

@@ -52,6 +52,62 @@ pub fn save_safetensors(
     write_atomic(path, &bytes)
 }
 
+/// Write `tensors` into `dir` as diffusers does: one `<stem>.safetensors` when they fit in
+/// `max_shard_bytes`, else shards `<stem>-0000i-of-0000n.safetensors` (filled in name order, each at
+/// most `max_shard_bytes` unless a single tensor is larger) plus `<stem>.safetensors.index.json`
+/// (`metadata.total_size`, `weight_map`). Every file is written atomically. Returns the files written.
+pub fn save_safetensors_sharded(
+    dir: &Path,
+    stem: &str,
+    tensors: &HashMap<String, Tensor>,
+    max_shard_bytes: usize,
+    metadata: Option<HashMap<String, String>>,
+) -> Result<Vec<std::path::PathBuf>> {
+    let size = |t: &Tensor| t.elem_count() * t.dtype().size_in_bytes();
+    let total: usize = tensors.values().map(size).sum();
+    if total <= max_shard_bytes {
+        let p = dir.join(format!("{stem}.safetensors"));
+        save_safetensors(&p, tensors, metadata)?;
+        return Ok(vec![p]);
+    }
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    let mut shards: Vec<Vec<&String>> = vec![vec![]];
+    let mut used = 0usize;
+    for n in names {
+        let s = size(&tensors[n]);
+        if used > 0 && used + s > max_shard_bytes {
+            shards.push(vec![]);
+            used = 0;
+        }
+        shards.last_mut().expect("one shard").push(n);
+        used += s;
+    }
+    let count = shards.len();
+    let mut files = Vec::with_capacity(count + 1);
+    let mut weight_map = serde_json::Map::new();
+    for (i, shard) in shards.iter().enumerate() {
+        let file = format!("{stem}-{:05}-of-{count:05}.safetensors", i + 1);
+        let part: HashMap<String, Tensor> = shard
+            .iter()
+            .map(|n| ((*n).clone(), tensors[*n].clone()))
+            .collect();
+        save_safetensors(&dir.join(&file), &part, metadata.clone())?;
+        for n in shard {
+            weight_map.insert((*n).clone(), file.clone().into());
+        }
+        files.push(dir.join(file));
+    }
+    let index = serde_json::json!({
+        "metadata": { "total_size": total },
+        "weight_map": weight_map,
+    });
+    let ip = dir.join(format!("{stem}.safetensors.index.json"));
+    write_atomic(&ip, serde_json::to_string_pretty(&index)?.as_bytes())?;
+    files.push(ip);
+    Ok(files)
+}
+
 /// Replace the folder `dst` by the fully written folder `staging` (same parent): the old folder is moved
 /// aside first and removed only after the new one is in place.
 pub fn replace_dir(staging: &Path, dst: &Path) -> Result<()> {

@@ -1,8 +1,10 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
+pub mod checkpoint;
 pub mod config;
 pub mod dgpo_loss;
 pub mod eval;
+pub mod export;
 pub mod geneval;
 pub mod io;
 pub mod model;
@@ -12,6 +14,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pretrain;
 pub mod reward;
+pub mod sample;
 pub mod sampling;
 pub mod shapes;
 pub mod text;

@@ -1,6 +1,6 @@
 //! The `dgpo` command line: parses, sets up logging, dispatches. No logic of its own.
 
-use anyhow::{bail, Context, Result};
+use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dgpo::config::Config;
 use dgpo::plan::{locate_transformer_config, Plan};
@@ -59,19 +59,77 @@ enum Command {
         #[arg(long)]
         resume: bool,
     },
-    /// Generate evaluation grids and scores.
+    /// Generate evaluation grids and scores from one or several models on the same noise.
     #[command(
-        after_help = "Example:\n  dgpo sample --config configs/geneval.toml --prompt \"a photo of a red cube\" --images-per-prompt 4"
+        after_help = "Examples:\n  dgpo sample --config configs/shapes.toml --checkpoint runs/shapes --prompt \"a photo of two red circles\" --images-per-prompt 4\n  dgpo sample --config configs/shapes.toml --checkpoint configs/shapes/base --checkpoint runs/shapes --out runs/compare   # side by side on the test prompts"
     )]
     Sample {
         #[command(flatten)]
         cfg: ConfigArgs,
+        /// Model to sample (repeat for a side-by-side grid): a dgpo train run folder or one of its
+        /// checkpoints/epoch-N, a pipeline folder, a LoRA .safetensors or peft folder, a single-file
+        /// or diffusers transformer (on the config's base). Default: model.pretrained.
+        #[arg(long = "checkpoint")]
+        checkpoints: Vec<PathBuf>,
+        /// Weights of a run checkpoint: the slow EMA (as evaluated) or the raw optimizer weights.
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: dgpo::checkpoint::WeightsChoice,
+        /// A prompt (repeatable).
+        #[arg(long)]
+        prompt: Vec<String>,
+        /// Prompt file: GenEval .jsonl (enables GenEval scores) or text, one prompt per line.
+        /// Default without --prompt: prompts.test of the config.
+        #[arg(long)]
+        prompts: Option<PathBuf>,
+        /// Images per prompt (default: sample.eval_images_per_prompt).
+        #[arg(long)]
+        images_per_prompt: Option<usize>,
+        /// Seed of the initial noise (default: run.seed); image i of prompt p gets the same noise for every model.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// Sampler steps (default: sample.eval_num_steps).
+        #[arg(long)]
+        steps: Option<usize>,
+        /// Classifier-free guidance scale (default: sample.guidance_scale).
+        #[arg(long = "cfg")]
+        guidance: Option<f64>,
+        /// euler or dpm_solver2m (default: sample.sampler).
+        #[arg(long, value_parser = parse_sampler)]
+        sampler: Option<dgpo::config::Sampler>,
+        /// Images per forward batch (default: sample.eval_batch_size).
+        #[arg(long)]
+        batch_size: Option<usize>,
+        /// Initial noise as safetensors ([n_images, C, H, W] prompt-major, or [images_per_prompt, C, H, W]).
+        #[arg(long)]
+        noise: Option<PathBuf>,
+        /// Output folder (default: <run.out_dir>/samples).
+        #[arg(long)]
+        out: Option<PathBuf>,
     },
-    /// Write fine-tuned weights as safetensors.
-    #[command(after_help = "Example:\n  dgpo export --config configs/geneval.toml --format lora")]
+    /// Write fine-tuned weights as safetensors (LoRA, merged diffusers folder, or single file).
+    #[command(
+        after_help = "Examples:\n  dgpo export --checkpoint runs/shapes --format lora --out shapes_lora.safetensors\n  dgpo export --checkpoint runs/shapes/checkpoints/epoch-00040 --format diffusers --dtype f16 --out shapes-dgpo\n  dgpo export --checkpoint runs/shapes --format single-file --weights raw --out shapes_sd3.safetensors"
+    )]
     Export {
-        #[command(flatten)]
-        cfg: ConfigArgs,
+        /// A dgpo train run folder (its last checkpoint) or one of its checkpoints/epoch-N.
+        #[arg(long)]
+        checkpoint: PathBuf,
+        /// lora: diffusers/peft adapter file; diffusers: merged pipeline folder; single-file: merged
+        /// transformer in the StabilityAI layout.
+        #[arg(long, value_enum)]
+        format: dgpo::export::ExportFormat,
+        /// Output file (lora, single-file) or folder (diffusers).
+        #[arg(long)]
+        out: PathBuf,
+        /// Storage dtype.
+        #[arg(long, value_enum, default_value = "f32")]
+        dtype: dgpo::export::ExportDtype,
+        /// The slow-EMA weights (what evaluation uses, as the reference code saves) or the raw ones.
+        #[arg(long, value_enum, default_value = "ema")]
+        weights: dgpo::checkpoint::WeightsChoice,
+        /// Shard the diffusers transformer above this size (e.g. 10GB, 500MB).
+        #[arg(long, default_value = "10GB", value_parser = parse_size)]
+        max_shard_size: usize,
     },
     /// Flow-matching pretraining of the small shapes-testbed model.
     #[command(after_help = "Example:\n  dgpo pretrain --config configs/shapes-pretrain.toml")]
@@ -87,12 +145,14 @@ enum Command {
     },
     /// Score a model on the config's test prompts (GenEval-shapes).
     #[command(
-        after_help = "Example:\n  dgpo eval --config configs/shapes-dgpo.toml --checkpoint runs/shapes/model --json eval.json"
+        after_help = "Example:\n  dgpo eval --config configs/shapes.toml --checkpoint runs/shapes --json eval.json"
     )]
     Eval {
         #[command(flatten)]
         cfg: ConfigArgs,
-        /// A shapes pipeline folder (default: model.pretrained of the config).
+        /// A dgpo train run folder (its last checkpoint, EMA weights) or checkpoints/epoch-N, a
+        /// pipeline folder, a LoRA or a single-file / diffusers transformer on the config's base
+        /// (default: model.pretrained of the config).
         #[arg(long)]
         checkpoint: Option<PathBuf>,
         /// Also write the summary as JSON here.
@@ -102,6 +162,18 @@ enum Command {
         #[arg(long)]
         grid: Option<PathBuf>,
     },
+}
+
+fn parse_sampler(s: &str) -> Result<dgpo::config::Sampler, String> {
+    match s {
+        "euler" => Ok(dgpo::config::Sampler::Euler),
+        "dpm_solver2m" | "dpm" => Ok(dgpo::config::Sampler::DpmSolver2m),
+        _ => Err(format!("{s:?}: expected euler or dpm_solver2m")),
+    }
+}
+
+fn parse_size(s: &str) -> Result<usize, String> {
+    dgpo::export::parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -175,13 +247,64 @@ fn run(cli: Cli) -> Result<()> {
             let out = config.run.out_dir.clone();
             dgpo::train::run(&config, &out, resume, &device)
         }
-        Command::Sample { cfg } => {
-            Config::load(&cfg.config, &cfg.set)?;
-            bail!("`dgpo sample` is not implemented yet (issue #5)")
+        Command::Sample {
+            cfg,
+            checkpoints,
+            weights,
+            prompt,
+            prompts,
+            images_per_prompt,
+            seed,
+            steps,
+            guidance,
+            sampler,
+            batch_size,
+            noise,
+            out,
+        } => {
+            let config = Config::load(&cfg.config, &cfg.set)?;
+            let out = out.unwrap_or_else(|| config.run.out_dir.join("samples"));
+            let mut a = dgpo::sample::SampleArgs::from_config(&config, out);
+            a.checkpoints = checkpoints;
+            a.weights = weights;
+            a.prompts = prompt;
+            a.prompt_file = prompts;
+            a.noise = noise;
+            a.images_per_prompt = images_per_prompt.unwrap_or(a.images_per_prompt);
+            a.seed = seed.unwrap_or(a.seed);
+            a.steps = steps.unwrap_or(a.steps);
+            a.guidance = guidance.unwrap_or(a.guidance);
+            a.sampler = sampler.unwrap_or(a.sampler);
+            a.batch_size = batch_size.unwrap_or(a.batch_size);
+            dgpo::sample::run(&config, &a, &device).map(|_| ())
         }
-        Command::Export { cfg } => {
-            Config::load(&cfg.config, &cfg.set)?;
-            bail!("`dgpo export` is not implemented yet (issue #5)")
+        Command::Export {
+            checkpoint,
+            format,
+            out,
+            dtype,
+            weights,
+            max_shard_size,
+        } => {
+            let args = dgpo::export::ExportArgs {
+                checkpoint,
+                format,
+                dtype,
+                weights,
+                out,
+                max_shard_bytes: max_shard_size,
+            };
+            let r = dgpo::export::export(&args, &device)?;
+            for f in &r.files {
+                println!("{}", f.display());
+            }
+            println!(
+                "exported {} tensors ({:.2} MB) as {:?}",
+                r.tensors,
+                r.bytes as f64 / 1e6,
+                format
+            );
+            Ok(())
         }
         Command::Pretrain { cfg, out, resume } => {
             let config = Config::load(&cfg.config, &cfg.set)?;

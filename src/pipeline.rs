@@ -99,6 +99,20 @@ impl ShapesPipeline {
     /// Write the pipeline folder atomically (staging folder, then rename over `dir`), tensors stored in
     /// `dtype` (loading converts back to f32).
     pub fn save(&self, dir: &Path, metadata: &HashMap<String, String>, dtype: DType) -> Result<()> {
+        self.save_with(dir, metadata, dtype, false, usize::MAX)
+    }
+
+    /// As [`ShapesPipeline::save`], with the adapters merged into the transformer's weights when
+    /// `merge_lora` (the folder then loads as a plain pipeline anywhere) and the transformer's weights
+    /// sharded above `max_shard_bytes` as diffusers shards them.
+    pub fn save_with(
+        &self,
+        dir: &Path,
+        metadata: &HashMap<String, String>,
+        dtype: DType,
+        merge_lora: bool,
+        max_shard_bytes: usize,
+    ) -> Result<()> {
         let cast = |m: HashMap<String, Tensor>| -> Result<HashMap<String, Tensor>> {
             m.into_iter()
                 .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
@@ -125,9 +139,16 @@ impl ShapesPipeline {
             &s.join("transformer/config.json"),
             serde_json::to_string_pretty(&tc)?.as_bytes(),
         )?;
-        save_safetensors(
-            &s.join("transformer/diffusion_pytorch_model.safetensors"),
-            &cast(self.transformer.state_dict()?)?,
+        let weights = if merge_lora {
+            self.transformer.merged_state_dict()?
+        } else {
+            self.transformer.state_dict()?
+        };
+        crate::io::save_safetensors_sharded(
+            &s.join("transformer"),
+            "diffusion_pytorch_model",
+            &cast(weights)?,
+            max_shard_bytes,
             Some(metadata.clone()),
         )?;
         write_atomic(

@@ -1,94 +1,13 @@
 //! `dgpo train` end to end on a tiny random shapes pipeline: metrics, checkpoints, and a resumed run
 //! that reproduces the uninterrupted one.
 
+mod common;
+
 use candle_core::Device;
 use dgpo::config::Config;
-use dgpo::pipeline::ShapesPipeline;
-use dgpo::text::{ShapesTokenizer, TextEncoderConfig, TEXT_ENCODER_CLASS};
-use std::collections::HashMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
-fn root() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
-}
-
-fn tmp(name: &str) -> PathBuf {
-    let d = std::env::temp_dir().join(format!("dgpo-train-{name}-{}", std::process::id()));
-    let _ = std::fs::remove_dir_all(&d);
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
-/// A tiny random pipeline, a few prompts, and a config training it.
-fn setup(dir: &Path) -> Config {
-    let tcfg: dgpo::model::TransformerConfig = serde_json::from_str(
-        r#"{"sample_size": 32, "patch_size": 4, "in_channels": 3, "out_channels": 3, "num_layers": 1,
-            "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
-            "caption_projection_dim": 16, "pooled_projection_dim": 12, "pos_embed_max_size": 8,
-            "qk_norm": "rms_norm"}"#,
-    )
-    .unwrap();
-    let tok =
-        ShapesTokenizer::from_file(&root().join("configs/shapes/tokenizer.json"), 16).unwrap();
-    let ecfg = TextEncoderConfig {
-        class_name: TEXT_ENCODER_CLASS.into(),
-        vocab_size: tok.vocab_size(),
-        max_length: 16,
-        width: 16,
-        num_layers: 1,
-        num_heads: 2,
-        mlp_ratio: 2,
-        context_dim: 16,
-        pooled_dim: 12,
-    };
-    let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, 7, &Device::Cpu).unwrap();
-    pipe.save(&dir.join("base"), &HashMap::new(), candle_core::DType::F32)
-        .unwrap();
-    let lines: Vec<String> =
-        std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect();
-    std::fs::write(dir.join("train.jsonl"), lines[..12].join("\n")).unwrap();
-    std::fs::write(dir.join("test.jsonl"), lines[40..43].join("\n")).unwrap();
-    let text = format!(
-        r#"
-[run]
-seed = 1
-num_epochs = 3
-save_every = 1
-eval_every = 2
-keep_checkpoints = 2
-[model]
-pretrained = "{d}/base"
-resolution = 32
-[lora]
-rank = 4
-alpha = 8.0
-[sample]
-sampler = "dpm_solver2m"
-num_steps = 4
-eval_num_steps = 3
-group_size = 2
-batch_size = 4
-num_batches_per_epoch = 1
-eval_batch_size = 4
-[train]
-batch_size = 2
-learning_rate = 1e-2
-trunc_steps = 2
-num_train_timesteps = 2
-[prompts]
-train = "{d}/train.jsonl"
-test = "{d}/test.jsonl"
-[[reward]]
-kind = "shapes_geneval"
-"#,
-        d = dir.display()
-    );
-    Config::from_toml(&text, "tiny", &[]).unwrap()
-}
+use common::tiny::{setup, tmp};
 
 /// Metric lines without wall-clock fields.
 fn metrics(out: &Path) -> Vec<serde_json::Value> {

@@ -157,6 +157,41 @@ struct PeftAdapterConfig {
     use_dora: bool,
 }
 
+/// `lora_alpha` from the `lora_adapter_metadata` header diffusers writes (`transformer.lora_alpha`, or
+/// un-prefixed), checked against the tensors' rank; `None` when the file has no such header.
+fn header_alpha(path: &Path, rank: usize) -> Result<Option<f64>> {
+    let bytes = std::fs::read(path).with_context(|| format!("reading {}", path.display()))?;
+    let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", path.display()))?;
+    let Some(raw) = meta
+        .metadata()
+        .as_ref()
+        .and_then(|m| m.get("lora_adapter_metadata"))
+    else {
+        return Ok(None);
+    };
+    let v: serde_json::Value = serde_json::from_str(raw).with_context(|| {
+        format!(
+            "{}: lora_adapter_metadata is not valid JSON",
+            path.display()
+        )
+    })?;
+    let get = |k: &str| {
+        v.get(format!("transformer.{k}"))
+            .or_else(|| v.get(k))
+            .cloned()
+    };
+    if let Some(r) = get("r").and_then(|r| r.as_u64()) {
+        if r as usize != rank {
+            bail!(
+                "{}: lora_adapter_metadata says r = {r} but the tensors have rank {rank}",
+                path.display()
+            );
+        }
+    }
+    Ok(get("lora_alpha").and_then(|a| a.as_f64()))
+}
+
 /// Load a LoRA saved by peft (`adapter_config.json` + `adapter_model.safetensors` in a folder) or a
 /// diffusers `pytorch_lora_weights.safetensors` (keys `transformer.<module>.lora_A.weight`, with `alpha`
 /// given by the caller or, failing that, taken equal to the rank as diffusers does).
@@ -248,7 +283,10 @@ pub fn load_lora(path: &Path, dev: &Device, alpha_if_missing: Option<f64>) -> Re
         }
         None => LoraSpec {
             rank,
-            alpha: alpha_if_missing.unwrap_or(rank as f64),
+            alpha: match header_alpha(&weights_path, rank)? {
+                Some(a) => a,
+                None => alpha_if_missing.unwrap_or(rank as f64),
+            },
             targets,
             init: LoraInit::Gaussian,
             use_rslora: false,

@@ -286,6 +286,23 @@ impl MMDiT {
         Ok(out)
     }
 
+    /// As [`MMDiT::state_dict`] with every adapter merged into its base weight
+    /// (`W + scale·B·A`): the plain transformer a LoRA run amounts to.
+    pub fn merged_state_dict(&self) -> Result<std::collections::HashMap<String, Tensor>> {
+        let mut out = self.state_dict()?;
+        for l in self.linears() {
+            if let Some(ad) = &l.lora {
+                let name = format!("{}.weight", l.name);
+                let w = out
+                    .get(&name)
+                    .ok_or_else(|| anyhow::anyhow!("no base weight {name} to merge into"))?;
+                let merged = (w.to_dtype(DType::F32)? + ad.delta()?.to_dtype(DType::F32)?)?;
+                out.insert(name, merged);
+            }
+        }
+        Ok(out)
+    }
+
     /// Trainable tensors with their names: LoRA adapters under peft's names
     /// (`<module>.lora_A.weight`), fully trained tensors under their own.
     pub fn trainable_vars(&self) -> Vec<(String, Var)> {

@@ -1,6 +1,8 @@
 //! Shared helpers for the integration tests: fixture paths and tensor comparisons.
 #![allow(dead_code)]
 
+pub mod tiny;
+
 use candle_core::{DType, Device, Tensor};
 use dgpo::model::lora::{load_lora, LoraFile};
 use dgpo::model::{load_transformer, MMDiT, Trainable, WeightSource};

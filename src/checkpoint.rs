@@ -1,0 +1,359 @@
+//! Where a model to sample, evaluate or export comes from: the base pipeline, a training run (its
+//! last checkpoint or a given `checkpoints/epoch-N`), or a file written by `dgpo export` (a LoRA, a
+//! merged pipeline folder, a StabilityAI single file). One resolver serves `dgpo sample`, `dgpo eval`
+//! and `dgpo export`, so all three accept the same `--checkpoint` values.
+
+use crate::config::Config;
+use crate::model::lora::load_lora;
+use crate::model::weights::{read_safetensors, sai_to_diffusers};
+use crate::model::{LoraSpec, Trainable};
+use crate::pipeline::{is_shapes_pipeline, ShapesPipeline};
+use anyhow::{bail, Context, Result};
+use candle_core::{Device, Tensor};
+use serde::{Deserialize, Serialize};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Which copy of a run's trained weights: the slow EMA (what evaluation uses and the reference code
+/// saves) or the raw optimizer weights.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
+#[serde(rename_all = "snake_case")]
+pub enum WeightsChoice {
+    Ema,
+    Raw,
+}
+
+impl WeightsChoice {
+    pub fn name(self) -> &'static str {
+        match self {
+            WeightsChoice::Ema => "ema",
+            WeightsChoice::Raw => "raw",
+        }
+    }
+}
+
+/// The fields of a run checkpoint's `state.json` that loading needs.
+#[derive(Debug, Clone, Deserialize)]
+struct CheckpointState {
+    epoch: usize,
+    opt_step: u64,
+    config: String,
+}
+
+/// A training run's checkpoint, read.
+#[derive(Debug)]
+pub struct RunCheckpoint {
+    /// The `checkpoints/epoch-N` folder.
+    pub dir: PathBuf,
+    pub epoch: usize,
+    pub opt_step: u64,
+    /// The run's configuration (as saved in the checkpoint).
+    pub config: Config,
+    pub weights: WeightsChoice,
+    /// Trainable tensors by name (`<module>.lora_A.weight` … for LoRA runs, parameter names for
+    /// full fine-tuning).
+    pub tensors: HashMap<String, Tensor>,
+}
+
+impl RunCheckpoint {
+    /// The adapter shape of a LoRA run, `None` for full fine-tuning.
+    pub fn lora_spec(&self) -> Option<LoraSpec> {
+        self.config.lora.enabled.then(|| self.config.lora.spec())
+    }
+
+    /// The base model the run fine-tuned (`model.pretrained` of its config).
+    pub fn base(&self) -> PathBuf {
+        PathBuf::from(&self.config.model.pretrained)
+    }
+
+    /// Load the run's base pipeline with the checkpoint's trained tensors in place (adapters kept
+    /// separate, not merged).
+    pub fn load_pipeline(&self, dev: &Device) -> Result<ShapesPipeline> {
+        let base = self.base();
+        let trainable = match self.lora_spec() {
+            Some(spec) => Trainable::Lora { spec, seed: 0 },
+            None => Trainable::Full,
+        };
+        let pipe = ShapesPipeline::load(&base, &trainable, dev).with_context(|| {
+            format!(
+                "loading the base model {} of the run checkpoint {}",
+                base.display(),
+                self.dir.display()
+            )
+        })?;
+        set_trainable(&pipe, &self.tensors).with_context(|| {
+            format!(
+                "checkpoint {} (on base {})",
+                self.dir.display(),
+                base.display()
+            )
+        })?;
+        Ok(pipe)
+    }
+}
+
+/// Put `tensors` (by trainable name) into the pipeline's trainable variables; every variable must be
+/// given and nothing else.
+pub fn set_trainable(pipe: &ShapesPipeline, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let vars = pipe.transformer.trainable_vars();
+    for (name, var) in &vars {
+        let t = tensors
+            .get(name)
+            .with_context(|| format!("no tensor {name:?} in the checkpoint"))?;
+        if t.dims() != var.as_tensor().dims() {
+            bail!(
+                "{name}: the checkpoint holds shape {:?}, the model expects {:?} (was it trained for \
+                 another base model?)",
+                t.dims(),
+                var.as_tensor().dims()
+            );
+        }
+        var.set(&t.to_dtype(var.dtype())?.to_device(var.device())?)?;
+    }
+    if tensors.len() != vars.len() {
+        let known: std::collections::HashSet<&str> = vars.iter().map(|(n, _)| n.as_str()).collect();
+        let mut extra: Vec<&String> = tensors
+            .keys()
+            .filter(|k| !known.contains(k.as_str()))
+            .collect();
+        extra.sort();
+        bail!("the checkpoint holds tensors this model does not train: {extra:?}");
+    }
+    Ok(())
+}
+
+/// The checkpoint folder a path names: `checkpoints/epoch-N` itself, or a run folder (its last
+/// checkpoint). `None` when the path is neither.
+pub fn run_checkpoint_dir(path: &Path) -> Result<Option<PathBuf>> {
+    let is_ckpt =
+        |p: &Path| p.join("state.json").is_file() && p.join("train_state.safetensors").is_file();
+    if is_ckpt(path) {
+        return Ok(Some(path.to_path_buf()));
+    }
+    let ck = path.join("checkpoints");
+    if !ck.is_dir() {
+        return Ok(None);
+    }
+    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&ck)
+        .with_context(|| format!("listing {}", ck.display()))?
+        .filter_map(|e| e.ok())
+        .filter_map(|e| {
+            let n = e
+                .file_name()
+                .to_string_lossy()
+                .strip_prefix("epoch-")?
+                .parse()
+                .ok()?;
+            is_ckpt(&e.path()).then(|| (n, e.path()))
+        })
+        .collect();
+    found.sort();
+    match found.pop() {
+        Some((_, p)) => Ok(Some(p)),
+        None => bail!(
+            "{} is a run folder without a complete checkpoint (no checkpoints/epoch-N with state.json \
+             and train_state.safetensors)",
+            path.display()
+        ),
+    }
+}
+
+/// Read a run checkpoint folder (`checkpoints/epoch-N`).
+pub fn read_run_checkpoint(
+    dir: &Path,
+    weights: WeightsChoice,
+    dev: &Device,
+) -> Result<RunCheckpoint> {
+    let sp = dir.join("state.json");
+    let text = std::fs::read_to_string(&sp).with_context(|| format!("reading {}", sp.display()))?;
+    let st: CheckpointState = serde_json::from_str(&text)
+        .with_context(|| format!("{} is not a dgpo train checkpoint state", sp.display()))?;
+    let config = Config::from_toml(
+        &st.config,
+        &format!("the config saved in {}", sp.display()),
+        &[],
+    )?;
+    let file = dir.join("train_state.safetensors");
+    let all = read_safetensors(std::slice::from_ref(&file), dev)?;
+    let prefix = match weights {
+        WeightsChoice::Ema => "ema.",
+        WeightsChoice::Raw => "raw.",
+    };
+    let tensors: HashMap<String, Tensor> = all
+        .into_iter()
+        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
+        .collect();
+    if tensors.is_empty() {
+        bail!(
+            "{}: no `{prefix}*` tensors (a dgpo train checkpoint holds raw.*, ema.* and ema_ref.*)",
+            file.display()
+        );
+    }
+    Ok(RunCheckpoint {
+        dir: dir.to_path_buf(),
+        epoch: st.epoch,
+        opt_step: st.opt_step,
+        config,
+        weights,
+        tensors,
+    })
+}
+
+/// What a `--checkpoint` value turned out to be.
+#[derive(Debug, Clone, PartialEq)]
+pub enum SourceKind {
+    Base,
+    Run {
+        epoch: usize,
+        weights: WeightsChoice,
+    },
+    Pipeline,
+    Lora,
+    SingleFile,
+    DiffusersTransformer,
+}
+
+/// A model ready to sample, with a description of where it came from.
+pub struct LoadedModel {
+    pub pipe: ShapesPipeline,
+    pub kind: SourceKind,
+    /// The path given (or the base model's).
+    pub path: PathBuf,
+    /// The base pipeline it builds on.
+    pub base: PathBuf,
+}
+
+fn safetensors_keys(file: &Path) -> Result<Vec<String>> {
+    let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes)
+        .with_context(|| format!("{} is not a safetensors file", file.display()))?;
+    Ok(st.names().into_iter().map(|s| s.to_string()).collect())
+}
+
+/// Load the model a `--checkpoint` value names, on the config's base (`model.pretrained`) where the
+/// value does not carry its own:
+///
+/// * none: the base pipeline itself;
+/// * a run folder or its `checkpoints/epoch-N`: the run's base with the `weights` copy of its trained
+///   tensors (the run's own config names its base);
+/// * a shapes pipeline folder (what pretraining and `export --format diffusers` write);
+/// * a LoRA: a `.safetensors` with `lora_A` / `lora_B` keys (diffusers or peft names) or a peft
+///   folder (`adapter_config.json`), applied to the config's base;
+/// * a StabilityAI single file (`export --format single-file`): the transformer replaced, the text
+///   encoder from the config's base;
+/// * a diffusers transformer folder (`config.json` + safetensors): likewise.
+pub fn load_model(
+    cfg: &Config,
+    checkpoint: Option<&Path>,
+    weights: WeightsChoice,
+    dev: &Device,
+) -> Result<LoadedModel> {
+    let base = PathBuf::from(&cfg.model.pretrained);
+    let Some(path) = checkpoint else {
+        let pipe = ShapesPipeline::load(&base, &Trainable::None, dev)
+            .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?;
+        return Ok(LoadedModel {
+            pipe,
+            kind: SourceKind::Base,
+            path: base.clone(),
+            base,
+        });
+    };
+    if !path.exists() {
+        bail!("--checkpoint {}: no such file or folder", path.display());
+    }
+    if let Some(dir) = run_checkpoint_dir(path)? {
+        let ck = read_run_checkpoint(&dir, weights, dev)?;
+        let pipe = ck.load_pipeline(dev)?;
+        return Ok(LoadedModel {
+            pipe,
+            kind: SourceKind::Run {
+                epoch: ck.epoch,
+                weights,
+            },
+            path: dir,
+            base: ck.base(),
+        });
+    }
+    if is_shapes_pipeline(path) {
+        let pipe = ShapesPipeline::load(path, &Trainable::None, dev)?;
+        return Ok(LoadedModel {
+            pipe,
+            kind: SourceKind::Pipeline,
+            path: path.to_path_buf(),
+            base: path.to_path_buf(),
+        });
+    }
+    let load_base = |trainable: &Trainable| {
+        ShapesPipeline::load(&base, trainable, dev).with_context(|| {
+            format!(
+                "loading the base model {} (model.pretrained) for {}",
+                base.display(),
+                path.display()
+            )
+        })
+    };
+    let is_lora = if path.is_dir() {
+        path.join("adapter_config.json").is_file()
+    } else {
+        safetensors_keys(path)?
+            .iter()
+            .any(|k| k.ends_with(".lora_A.weight") || k.ends_with(".lora_B.weight"))
+    };
+    if is_lora {
+        let lf = load_lora(path, dev, None)?;
+        let trainable = Trainable::Lora {
+            spec: lf.spec.clone(),
+            seed: 0,
+        };
+        let pipe = load_base(&trainable)?;
+        pipe.transformer.set_lora(&lf.modules).with_context(|| {
+            format!("applying the LoRA {} to {}", path.display(), base.display())
+        })?;
+        return Ok(LoadedModel {
+            pipe,
+            kind: SourceKind::Lora,
+            path: path.to_path_buf(),
+            base,
+        });
+    }
+    let mut pipe = load_base(&Trainable::None)?;
+    let tcfg = pipe.transformer.cfg.clone();
+    let (kind, tensors) = if path.is_dir() {
+        let src = crate::model::weights::WeightSource::from_path(path, None)?;
+        (
+            SourceKind::DiffusersTransformer,
+            src.read(tcfg.num_layers, dev)?.1,
+        )
+    } else {
+        let raw = read_safetensors(&[path.to_path_buf()], dev)?;
+        let src = path.display().to_string();
+        (
+            SourceKind::SingleFile,
+            sai_to_diffusers(raw, tcfg.num_layers, &src)?,
+        )
+    };
+    pipe.transformer = crate::model::MMDiT::new(
+        &tcfg,
+        crate::model::weights::WeightStore::new(
+            path.display().to_string(),
+            tensors,
+            candle_core::DType::F32,
+        ),
+        &Trainable::None,
+        candle_core::DType::F32,
+    )
+    .with_context(|| {
+        format!(
+            "{} as a transformer for the base {} (architecture from its transformer/config.json)",
+            path.display(),
+            base.display()
+        )
+    })?;
+    Ok(LoadedModel {
+        pipe,
+        kind,
+        path: path.to_path_buf(),
+        base,
+    })
+}

@@ -1,0 +1,233 @@
+//! `dgpo export`: a fine-tuned model as files other tools load unchanged.
+//!
+//! * `lora`: the adapter as diffusers writes it (`pytorch_lora_weights.safetensors`, keys
+//!   `transformer.<module>.lora_A.weight` / `lora_B.weight`), what
+//!   `StableDiffusion3Pipeline.load_lora_weights` and `SD3Transformer2DModel.load_lora_adapter` read.
+//!   The LoRA scale `alpha / r` is folded into `lora_B` and the file says `lora_alpha = r` (in the
+//!   `lora_adapter_metadata` header diffusers reads), so loaders that ignore that header (ComfyUI and
+//!   older diffusers assume `alpha = r`) still apply the exact update.
+//! * `diffusers`: the merged model as a pipeline folder whose `transformer/` is what
+//!   `SD3Transformer2DModel.from_pretrained(dir, subfolder="transformer")` loads (`config.json`,
+//!   `diffusion_pytorch_model.safetensors`, sharded with an index above `--max-shard-size`).
+//! * `single-file`: the merged transformer in the StabilityAI layout (`model.diffusion_model.…`).
+//!
+//! Every file's safetensors header records the base model, the run's config, the epoch, optimizer
+//! step and which weights (EMA or raw). Everything is written to a temporary name and renamed.
+
+use crate::checkpoint::{read_run_checkpoint, run_checkpoint_dir, WeightsChoice};
+use crate::io::save_safetensors;
+use crate::model::weights::diffusers_to_sai;
+use anyhow::{bail, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// Output layout of `dgpo export`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportFormat {
+    /// diffusers / peft LoRA safetensors (LoRA runs only).
+    Lora,
+    /// A merged model folder in the diffusers layout.
+    Diffusers,
+    /// The merged transformer as one StabilityAI-layout safetensors file.
+    SingleFile,
+}
+
+/// Storage dtype of exported tensors.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum ExportDtype {
+    F32,
+    Bf16,
+    F16,
+}
+
+impl ExportDtype {
+    pub fn candle(self) -> DType {
+        match self {
+            ExportDtype::F32 => DType::F32,
+            ExportDtype::Bf16 => DType::BF16,
+            ExportDtype::F16 => DType::F16,
+        }
+    }
+}
+
+/// What to export.
+#[derive(Debug, Clone)]
+pub struct ExportArgs {
+    /// A run folder (its last checkpoint) or one of its `checkpoints/epoch-N`.
+    pub checkpoint: PathBuf,
+    pub format: ExportFormat,
+    pub dtype: ExportDtype,
+    pub weights: WeightsChoice,
+    /// Output file (`lora`, `single-file`) or folder (`diffusers`).
+    pub out: PathBuf,
+    /// Shard the diffusers transformer above this many bytes.
+    pub max_shard_bytes: usize,
+}
+
+/// Parse a size such as `10GB`, `500MB`, `64KiB` or a plain byte count.
+pub fn parse_size(s: &str) -> Result<usize> {
+    let t = s.trim();
+    let split = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(split);
+    let n: f64 = num
+        .parse()
+        .with_context(|| format!("{s:?}: expected a size such as 10GB, 500MB or 4096"))?;
+    let mult: f64 = match unit.trim().to_ascii_uppercase().as_str() {
+        "" | "B" => 1.0,
+        "KB" => 1e3,
+        "MB" => 1e6,
+        "GB" => 1e9,
+        "KIB" => 1024.0,
+        "MIB" => 1024.0 * 1024.0,
+        "GIB" => 1024.0 * 1024.0 * 1024.0,
+        u => bail!("{s:?}: unknown size unit {u:?} (B, KB, MB, GB, KiB, MiB, GiB)"),
+    };
+    if n.is_nan() || n <= 0.0 {
+        bail!("{s:?}: the size must be positive");
+    }
+    Ok((n * mult) as usize)
+}
+
+/// What an export wrote.
+#[derive(Debug)]
+pub struct ExportReport {
+    pub files: Vec<PathBuf>,
+    pub tensors: usize,
+    pub bytes: u64,
+}
+
+fn header(ck: &crate::checkpoint::RunCheckpoint, format: ExportFormat) -> HashMap<String, String> {
+    HashMap::from([
+        ("format".to_string(), "pt".to_string()),
+        (
+            "dgpo_version".to_string(),
+            env!("CARGO_PKG_VERSION").to_string(),
+        ),
+        (
+            "dgpo_base_model".to_string(),
+            ck.config.model.pretrained.clone(),
+        ),
+        ("dgpo_epoch".to_string(), ck.epoch.to_string()),
+        ("dgpo_step".to_string(), ck.opt_step.to_string()),
+        ("dgpo_weights".to_string(), ck.weights.name().to_string()),
+        (
+            "dgpo_format".to_string(),
+            format!("{format:?}").to_lowercase(),
+        ),
+        ("dgpo_config".to_string(), ck.config.to_toml()),
+    ])
+}
+
+fn cast(m: HashMap<String, Tensor>, dtype: DType) -> Result<HashMap<String, Tensor>> {
+    m.into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+        .collect()
+}
+
+fn file_size(p: &Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Export a run checkpoint.
+pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
+    let dir = run_checkpoint_dir(&args.checkpoint)?.with_context(|| {
+        format!(
+            "--checkpoint {}: expected a dgpo train run folder or one of its checkpoints/epoch-N \
+             (state.json + train_state.safetensors)",
+            args.checkpoint.display()
+        )
+    })?;
+    let ck = read_run_checkpoint(&dir, args.weights, dev)?;
+    let pipe = ck.load_pipeline(dev)?;
+    let dtype = args.dtype.candle();
+    let meta = header(&ck, args.format);
+    if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)
+            .with_context(|| format!("creating {}", parent.display()))?;
+    }
+    let (files, tensors) = match args.format {
+        ExportFormat::Lora => {
+            let spec = ck.lora_spec().with_context(|| {
+                format!(
+                    "{}: the run fine-tuned every weight (lora.enabled = false), so there is no adapter \
+                     to export; use --format diffusers or single-file",
+                    dir.display()
+                )
+            })?;
+            let mut t = HashMap::new();
+            let mut modules = vec![];
+            for l in pipe.transformer.linears() {
+                if let Some(ad) = &l.lora {
+                    let a = ad.a.as_tensor().detach();
+                    let b = (ad.b.as_tensor().detach() * ad.scale)?;
+                    t.insert(format!("transformer.{}.lora_A.weight", l.name), a);
+                    t.insert(format!("transformer.{}.lora_B.weight", l.name), b);
+                    modules.push(l.name.clone());
+                }
+            }
+            let mut meta = meta;
+            let adapter = serde_json::json!({
+                "transformer.r": spec.rank,
+                "transformer.lora_alpha": spec.rank,
+                "transformer.target_modules": modules,
+                "transformer.use_rslora": false,
+                "transformer.use_dora": false,
+                "transformer.bias": "none",
+            });
+            meta.insert(
+                "lora_adapter_metadata".into(),
+                serde_json::to_string_pretty(&adapter)?,
+            );
+            meta.insert("dgpo_lora_rank".into(), spec.rank.to_string());
+            meta.insert("dgpo_lora_alpha".into(), spec.alpha.to_string());
+            meta.insert(
+                "dgpo_lora_note".into(),
+                format!(
+                    "trained with alpha {} (scale {}); the scale is folded into lora_B, so the file's alpha is r",
+                    spec.alpha,
+                    spec.scale()
+                ),
+            );
+            let n = t.len();
+            save_safetensors(&args.out, &cast(t, dtype)?, Some(meta))?;
+            (vec![args.out.clone()], n)
+        }
+        ExportFormat::Diffusers => {
+            pipe.save_with(&args.out, &meta, dtype, true, args.max_shard_bytes)?;
+            let mut files = vec![];
+            collect_files(&args.out, &mut files)?;
+            files.sort();
+            let n = pipe.transformer.merged_state_dict()?.len() + pipe.text.tensors().len();
+            (files, n)
+        }
+        ExportFormat::SingleFile => {
+            let merged = pipe.transformer.merged_state_dict()?;
+            let sai = diffusers_to_sai(&merged, pipe.transformer.cfg.num_layers)?;
+            let t: HashMap<String, Tensor> = sai.into_iter().collect();
+            let n = t.len();
+            save_safetensors(&args.out, &cast(t, dtype)?, Some(meta))?;
+            (vec![args.out.clone()], n)
+        }
+    };
+    let bytes = files.iter().map(|f| file_size(f)).sum();
+    Ok(ExportReport {
+        files,
+        tensors,
+        bytes,
+    })
+}
+
+fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {
+    for e in std::fs::read_dir(dir).with_context(|| format!("listing {}", dir.display()))? {
+        let p = e?.path();
+        if p.is_dir() {
+            collect_files(&p, out)?;
+        } else {
+            out.push(p);
+        }
+    }
+    Ok(())
+}
