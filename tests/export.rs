@@ -354,3 +354,68 @@ fn png_size(p: &Path) -> (usize, usize) {
     let i = r.info();
     (i.width as usize, i.height as usize)
 }
+
+/// Fixture for `scripts/check_export_diffusers.sh` (run by hand): a tiny run with a random adapter,
+/// exported in every format, plus fixed transformer inputs and dgpo's outputs for the base and the
+/// fine-tuned model, written to `$DGPO_EXPORT_CHECK_DIR`.
+#[test]
+#[ignore = "writes the fixture of scripts/check_export_diffusers.sh"]
+fn write_diffusers_check_fixture() {
+    let Some(out) = std::env::var_os("DGPO_EXPORT_CHECK_DIR").map(PathBuf::from) else {
+        panic!("set DGPO_EXPORT_CHECK_DIR");
+    };
+    let (dir, cfg) = trained_run("diffusers-check");
+    let dev = Device::Cpu;
+    let run = dir.join("run");
+    let _ = std::fs::remove_dir_all(&out);
+    std::fs::create_dir_all(&out).unwrap();
+    let base = load_model(&cfg, None, WeightsChoice::Ema, &dev).unwrap();
+    base.pipe
+        .save(&out.join("base"), &Default::default(), DType::F32)
+        .unwrap();
+    export(
+        &args(
+            &run,
+            ExportFormat::Lora,
+            out.join("pytorch_lora_weights.safetensors"),
+        ),
+        &dev,
+    )
+    .unwrap();
+    export(
+        &args(&run, ExportFormat::Diffusers, out.join("merged")),
+        &dev,
+    )
+    .unwrap();
+    export(
+        &args(
+            &run,
+            ExportFormat::SingleFile,
+            out.join("single.safetensors"),
+        ),
+        &dev,
+    )
+    .unwrap();
+    let trained = load_model(&cfg, Some(&run), WeightsChoice::Ema, &dev).unwrap();
+    let (c, h, w) = base.pipe.image_shape();
+    let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
+    let t = Tensor::new(&[900f32, 250.], &dev).unwrap();
+    let cond = base
+        .pipe
+        .encode(&["a photo of a red circle", "a photo of two squares"])
+        .unwrap();
+    let fwd = |p: &ShapesPipeline| {
+        p.transformer
+            .forward(&x, &t, &cond.context, &cond.pooled, Weights::PolicyNoGrad)
+            .unwrap()
+    };
+    let tensors = std::collections::HashMap::from([
+        ("x".to_string(), x.clone()),
+        ("t".to_string(), t.clone()),
+        ("context".to_string(), cond.context.clone()),
+        ("pooled".to_string(), cond.pooled.clone()),
+        ("out_base".to_string(), fwd(&base.pipe)),
+        ("out_tuned".to_string(), fwd(&trained.pipe)),
+    ]);
+    candle_core::safetensors::save(&tensors, out.join("io.safetensors")).unwrap();
+}
