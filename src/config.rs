@@ -55,6 +55,9 @@ pub struct RunConfig {
     pub eval_every: usize,
     /// Checkpoints kept (older ones are deleted once a newer one is complete).
     pub keep_checkpoints: usize,
+    /// Stop after the first epoch that ends past this many minutes of training wall time (checkpoint
+    /// and final evaluation as at the last epoch); 0 = no limit. Gives two runs the same time budget.
+    pub max_minutes: f64,
 }
 
 impl Default for RunConfig {
@@ -66,6 +69,7 @@ impl Default for RunConfig {
             save_every: 20,
             eval_every: 10,
             keep_checkpoints: 2,
+            max_minutes: 0.0,
         }
     }
 }
@@ -154,6 +158,10 @@ pub struct SampleConfig {
     pub eval_batch_size: usize,
     /// Images per test prompt in evaluations (each with its own fixed noise).
     pub eval_images_per_prompt: usize,
+    /// Solver of evaluations (default: `sampler`); lets runs that roll out differently (Flow-GRPO's
+    /// SDE on the Euler grid) be evaluated under one protocol.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub eval_sampler: Option<Sampler>,
 }
 
 impl Default for SampleConfig {
@@ -169,6 +177,7 @@ impl Default for SampleConfig {
             num_batches_per_epoch: 8,
             eval_batch_size: 16,
             eval_images_per_prompt: 1,
+            eval_sampler: None,
         }
     }
 }
@@ -205,6 +214,26 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// Optimizer steps between slow-EMA updates.
     pub ema_every: usize,
+    /// `dgpo` (this project's algorithm) or `flow_grpo` (the baseline, issue 8).
+    pub algorithm: Algorithm,
+    /// Flow-GRPO: SDE noise level `a` of the rollouts (0.7 in the reference).
+    pub noise_level: f64,
+    /// Flow-GRPO: share of the rollout steps trained on (`⌊N·fraction⌋` steps; 0.99 in the reference).
+    pub timestep_fraction: f64,
+    /// Flow-GRPO: evaluate the policy with CFG (`sample.guidance_scale`) when training, as the
+    /// reference does (`train.cfg = True`).
+    pub grpo_train_cfg: bool,
+}
+
+/// The RL algorithm of `dgpo train`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum Algorithm {
+    /// Direct Group Preference Optimization (deterministic ODE rollouts, ALGORITHM.md).
+    #[default]
+    Dgpo,
+    /// Flow-GRPO: SDE rollouts with per-step log-probabilities, PPO-clipped ratio loss on the steps.
+    FlowGrpo,
 }
 
 impl Default for TrainConfig {
@@ -229,6 +258,10 @@ impl Default for TrainConfig {
             switch_ema_ref: 500,
             ema_decay: 0.9,
             ema_every: 8,
+            algorithm: Algorithm::Dgpo,
+            noise_level: 0.7,
+            timestep_fraction: 0.99,
+            grpo_train_cfg: true,
         }
     }
 }
@@ -507,9 +540,35 @@ impl Config {
             format!("train.ema_decay = {} must be in [0, 1)", t.ema_decay),
         );
         need(
+            self.run.max_minutes >= 0.0,
+            format!(
+                "run.max_minutes = {} must be ≥ 0 (0 = no limit)",
+                self.run.max_minutes
+            ),
+        );
+        need(
             t.ema_every >= 1,
             "train.ema_every must be at least 1".into(),
         );
+        if t.algorithm == Algorithm::FlowGrpo {
+            need(
+                s.sampler == Sampler::Euler,
+                "train.algorithm = \"flow_grpo\" rolls out with its SDE on the Euler grid: set \
+                 sample.sampler = \"euler\""
+                    .into(),
+            );
+            need(
+                t.noise_level > 0.0,
+                format!("train.noise_level = {} must be positive", t.noise_level),
+            );
+            need(
+                t.timestep_fraction > 0.0 && t.timestep_fraction <= 1.0,
+                format!(
+                    "train.timestep_fraction = {} must be in (0, 1]",
+                    t.timestep_fraction
+                ),
+            );
+        }
         let l = &self.lora;
         if l.enabled {
             need(l.rank >= 1, "lora.rank must be at least 1".into());

@@ -30,7 +30,7 @@ impl EvalSettings {
     /// prompt, and `run.seed` for the fixed noise.
     pub fn from_config(cfg: &Config) -> Result<Self> {
         Ok(Self {
-            sampler: cfg.sample.sampler,
+            sampler: cfg.sample.eval_sampler.unwrap_or(cfg.sample.sampler),
             num_steps: cfg.sample.eval_num_steps,
             guidance: cfg.sample.guidance_scale,
             shift: cfg.sample.flow_shift,
@@ -158,13 +158,9 @@ pub fn run_cli(
         .as_ref()
         .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
     let metas = crate::geneval::read_metadata(test)?;
-    let loaded = crate::checkpoint::load_model(
-        cfg,
-        checkpoint,
-        crate::checkpoint::WeightsChoice::Ema,
-        dev,
-    )
-    .context("loading the model to evaluate")?;
+    let loaded =
+        crate::checkpoint::load_model(cfg, checkpoint, crate::checkpoint::WeightsChoice::Ema, dev)
+            .context("loading the model to evaluate")?;
     let dir = loaded.path.clone();
     let pipe = loaded.pipe;
     for m in &metas {

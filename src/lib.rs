@@ -5,6 +5,7 @@ pub mod config;
 pub mod dgpo_loss;
 pub mod eval;
 pub mod export;
+pub mod flow_grpo;
 pub mod geneval;
 pub mod io;
 pub mod model;

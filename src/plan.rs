@@ -48,7 +48,16 @@ impl Plan {
             micro_batches_per_epoch: images / t.batch_size.max(1),
             optimizer_steps_per_epoch: 1,
             rollout_forwards_per_image: s.num_steps * cfg_mult,
-            train_forwards_per_image: t.num_train_timesteps * (1 + ref_mult + 1),
+            train_forwards_per_image: match t.algorithm {
+                crate::config::Algorithm::Dgpo => t.num_train_timesteps * (1 + ref_mult + 1),
+                // policy (and reference for the KL term), with CFG when grpo_train_cfg
+                crate::config::Algorithm::FlowGrpo => {
+                    let c = if t.grpo_train_cfg { cfg_mult } else { 1 };
+                    crate::flow_grpo::num_train_steps(s.num_steps, t.timestep_fraction)
+                        * c
+                        * (1 + usize::from(t.beta_kl > 0.0))
+                }
+            },
             model,
         }
     }
@@ -68,14 +77,25 @@ impl Plan {
             s.num_steps,
             s.guidance_scale
         );
-        let _ = writeln!(
-            o,
-            "  training        {} micro-batches of {} × {} timesteps (step indices 0..={})",
-            self.micro_batches_per_epoch,
-            cfg.train.batch_size,
-            cfg.train.num_train_timesteps,
-            cfg.train.trunc_steps
-        );
+        let _ = match cfg.train.algorithm {
+            crate::config::Algorithm::Dgpo => writeln!(
+                o,
+                "  training        DGPO: {} micro-batches of {} × {} timesteps (step indices 0..={})",
+                self.micro_batches_per_epoch,
+                cfg.train.batch_size,
+                cfg.train.num_train_timesteps,
+                cfg.train.trunc_steps
+            ),
+            crate::config::Algorithm::FlowGrpo => writeln!(
+                o,
+                "  training        Flow-GRPO: SDE rollouts (noise level {}), {} micro-batches of {} × {} of the {} steps",
+                cfg.train.noise_level,
+                self.micro_batches_per_epoch,
+                cfg.train.batch_size,
+                crate::flow_grpo::num_train_steps(s.num_steps, cfg.train.timestep_fraction),
+                s.num_steps
+            ),
+        };
         let _ = writeln!(
             o,
             "  forward passes  {} per image for rollouts, {} per image for the update",

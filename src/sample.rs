@@ -63,7 +63,7 @@ impl SampleArgs {
             seed: cfg.run.seed,
             steps: cfg.sample.eval_num_steps,
             guidance: cfg.sample.guidance_scale,
-            sampler: cfg.sample.sampler,
+            sampler: cfg.sample.eval_sampler.unwrap_or(cfg.sample.sampler),
             shift: cfg.sample.flow_shift,
             batch_size: cfg.sample.eval_batch_size,
             noise: None,

@@ -9,7 +9,7 @@
 //! Determinism: everything random is seeded by `(run.seed, epoch, purpose)`, so a resumed run repeats
 //! an uninterrupted one (its metrics match, timings aside).
 
-use crate::config::{Config, PromptSampling};
+use crate::config::{Algorithm, Config, PromptSampling};
 use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
 use crate::eval::{evaluate, EvalSettings};
 use crate::geneval::{read_metadata, Metadata};
@@ -385,7 +385,9 @@ pub fn run_until(
             .map(|&i| Some(train_metas[i].clone()))
             .collect();
         let mut noise_rng = rng(cfg.run.seed, epoch, 2);
-        let use_ref_weights = opt.step as usize > t.switch_ema_ref;
+        let grpo = t.algorithm == Algorithm::FlowGrpo;
+        let mut trajs: Vec<crate::flow_grpo::Trajectory> = vec![];
+        let use_ref_weights = !grpo && opt.step as usize > t.switch_ema_ref;
         let mut x0s = vec![];
         let mut conds = vec![];
         let bar = stage_bar(per_epoch, &format!("epoch {epoch} rollout"), "images");
@@ -407,7 +409,26 @@ pub fn run_until(
                     Weights::PolicyNoGrad,
                 )
             };
-            let x0 = if use_ref_weights {
+            let x0 = if grpo {
+                // Flow-GRPO: on-policy SDE rollouts, the trajectory and its log-probabilities kept.
+                let z = (0..sched.num_steps())
+                    .map(|_| randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev))
+                    .collect::<Result<Vec<_>>>()?;
+                let tr = crate::flow_grpo::sde_rollout(
+                    &pipe.transformer,
+                    &sched,
+                    &noise,
+                    &z,
+                    &cond,
+                    Some(&uncond),
+                    s.guidance_scale,
+                    t.noise_level,
+                    Weights::PolicyNoGrad,
+                )?;
+                let x0 = tr.latents[sched.num_steps()].clone();
+                trajs.push(tr);
+                x0
+            } else if use_ref_weights {
                 ema_ref.with(&vars, roll)?
             } else {
                 roll()?
@@ -429,7 +450,23 @@ pub fn run_until(
         // ---- update ----
         let t_upd = Instant::now();
         let mut trng = rng(cfg.run.seed, epoch, 3);
-        let js = draw_timestep_indices(&mut trng, t.trunc_steps, t.num_train_timesteps);
+        let js = if grpo {
+            let mut all: Vec<usize> = (0..sched.num_steps()).collect();
+            all.shuffle(&mut trng);
+            all.truncate(crate::flow_grpo::num_train_steps(
+                sched.num_steps(),
+                t.timestep_fraction,
+            ));
+            all.sort_unstable();
+            all
+        } else {
+            draw_timestep_indices(&mut trng, t.trunc_steps, t.num_train_timesteps)
+        };
+        let traj = if grpo {
+            Some(crate::flow_grpo::Trajectory::cat(&trajs)?)
+        } else {
+            None
+        };
         let mut acc = opt.accum();
         let n_micro = per_epoch / t.batch_size;
         let passes = (n_micro * js.len()) as f64;
@@ -449,6 +486,41 @@ pub fn run_until(
             };
             let a = &adv.values[lo..lo + n];
             for &j in &js {
+                if let Some(tr) = &traj {
+                    let outs = grpo_pass(GrpoPass {
+                        model: &pipe.transformer,
+                        sched: &sched,
+                        traj: tr,
+                        j,
+                        lo,
+                        n,
+                        cond: &cond,
+                        empty: &empty,
+                        adv: a,
+                        group: g,
+                        workers,
+                        t,
+                        guidance: s.guidance_scale,
+                        passes,
+                    })?;
+                    for (terms, share, lv, grads) in outs {
+                        let Some(grads) = grads else {
+                            bail!(
+                                "epoch {epoch}: the Flow-GRPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
+                                 lower train.learning_rate",
+                                terms.policy_loss,
+                                terms.kl
+                            );
+                        };
+                        opt.add(&mut acc, &grads)?;
+                        pl += share * terms.policy_loss as f64;
+                        kl += share * terms.kl as f64;
+                        clip += share * terms.clip_frac as f64;
+                        lsum += share * lv as f64;
+                    }
+                    bar.inc(1);
+                    continue;
+                }
                 let sigma = sched.train_sigma(j);
                 // One noise per group, shared by its members.
                 let groups = n / g;
@@ -564,6 +636,19 @@ pub fn run_until(
             upd_s
         );
         let done = epoch + 1;
+        let out_of_time = cfg.run.max_minutes > 0.0 && wall >= cfg.run.max_minutes * 60.0;
+        if out_of_time && done < cfg.run.num_epochs {
+            save(done, &opt, &ema_ref, &ema, wall)?;
+            let score = do_eval(done, opt.step, wall, &ema)?;
+            println!(
+                "time budget run.max_minutes = {} reached after epoch {epoch}: stopping, final geneval_overall {score:.3}{}",
+                cfg.run.max_minutes,
+                first_above
+                    .map(|e| format!(", first ≥ 0.8 at epoch {e}"))
+                    .unwrap_or_default()
+            );
+            return Ok(());
+        }
         let interrupted = stop.load(Ordering::SeqCst) || Some(done) == stop_after;
         if done % cfg.run.save_every == 0 || done == cfg.run.num_epochs || interrupted {
             save(done, &opt, &ema_ref, &ema, wall)?;
@@ -584,6 +669,106 @@ pub fn run_until(
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// Inputs of one Flow-GRPO training pass: rollout step `j` of the micro-batch `lo..lo + n`.
+struct GrpoPass<'a> {
+    model: &'a crate::model::MMDiT,
+    sched: &'a crate::sampling::Schedule,
+    traj: &'a crate::flow_grpo::Trajectory,
+    j: usize,
+    lo: usize,
+    n: usize,
+    cond: &'a Conditioning,
+    empty: &'a Conditioning,
+    adv: &'a [f32],
+    group: usize,
+    workers: usize,
+    t: &'a crate::config::TrainConfig,
+    guidance: f64,
+    passes: f64,
+}
+
+/// One Flow-GRPO pass: the policy's SDE step log-probability of the stored transition `x_j → x_{j+1}`
+/// (CFG as in the rollout when `grpo_train_cfg`), the reference's step mean for the KL term, the loss
+/// of [`crate::flow_grpo::grpo_loss`] and its gradient (scaled by the shard's share over `passes`),
+/// one shard of whole groups per worker thread.
+type PassOut = (
+    crate::flow_grpo::GrpoTerms,
+    f64,
+    f32,
+    Option<candle_core::backprop::GradStore>,
+);
+
+fn grpo_pass(p: GrpoPass) -> Result<Vec<PassOut>> {
+    use crate::flow_grpo::{grpo_loss, sde_step};
+    use crate::sampling::guided_velocity_at;
+    let (j, n) = (p.j, p.n);
+    let sig = &p.sched.sigmas;
+    let (sigma, sigma_next) = (f64::from(sig[j]), f64::from(sig[j + 1]));
+    let sigma_max = f64::from(sig[1.min(sig.len() - 1)]);
+    let tj = p.sched.timesteps[j];
+    let xj = p.traj.latents[j].narrow(0, p.lo, n)?;
+    let xn = p.traj.latents[j + 1].narrow(0, p.lo, n)?;
+    let old = p
+        .traj
+        .log_probs
+        .narrow(0, p.lo, n)?
+        .narrow(1, j, 1)?
+        .squeeze(1)?;
+    let uncond = p.empty.repeat(n)?;
+    let w = if p.t.grpo_train_cfg { p.guidance } else { 1.0 };
+    let ranges = crate::par::shards(n, p.workers, p.group);
+    crate::par::map_shards(&ranges, |r| {
+        let (lo, len) = (r.start, r.len());
+        let c = p.cond.narrow(r.clone())?;
+        let u = uncond.narrow(r.clone())?;
+        let x = xj.narrow(0, lo, len)?;
+        let xp = xn.narrow(0, lo, len)?;
+        let v = guided_velocity_at(p.model, &x, tj, &c, Some(&u), w, Weights::Policy)?;
+        let st = sde_step(
+            &x,
+            &v,
+            sigma,
+            sigma_next,
+            sigma_max,
+            p.t.noise_level,
+            Some(&xp),
+            None,
+        )?;
+        let mean_ref = if p.t.beta_kl > 0.0 {
+            let vr = guided_velocity_at(p.model, &x, tj, &c, Some(&u), w, Weights::Reference)?;
+            let sr = sde_step(
+                &x,
+                &vr,
+                sigma,
+                sigma_next,
+                sigma_max,
+                p.t.noise_level,
+                Some(&xp),
+                None,
+            )?;
+            Some(sr.mean.detach())
+        } else {
+            None
+        };
+        let terms = grpo_loss(
+            &st.log_prob,
+            &old.narrow(0, lo, len)?,
+            &p.adv[r],
+            p.t.clip_range,
+            mean_ref.as_ref().map(|m| (&st.mean, m, st.std_dev_t)),
+            p.t.beta_kl,
+        )?;
+        let share = len as f64 / n as f64;
+        let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = if lv.is_finite() {
+            Some((terms.loss.clone() * (share / p.passes))?.backward()?)
+        } else {
+            None
+        };
+        Ok((terms, share, lv, grads))
+    })
 }
 
 /// A progress bar for one stage of an epoch (drawn on stderr when it is a terminal).

@@ -123,3 +123,42 @@ fn bad_setups_are_refused_before_any_work() {
     assert!(e.contains("does not divide"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn flow_grpo_trains_from_one_config_switch_and_resumes_exactly() {
+    let dir = tmp("flow-grpo");
+    let mut cfg = setup(&dir);
+    cfg.train.algorithm = dgpo::config::Algorithm::FlowGrpo;
+    cfg.sample.sampler = dgpo::config::Sampler::Euler;
+    cfg.sample.eval_sampler = Some(dgpo::config::Sampler::DpmSolver2m);
+    cfg.train.clip_range = 1e-4;
+    cfg.train.beta_kl = 0.004;
+    let dev = Device::Cpu;
+    let a = dir.join("a");
+    dgpo::train::run(&cfg, &a, false, &dev).unwrap();
+    let ma = metrics(&a);
+    let train: Vec<_> = ma.iter().filter(|v| v["kind"] == "train").collect();
+    assert_eq!(train.len(), 3);
+    for t in &train {
+        // ⌊4 · 0.99⌋ = 3 of the 4 rollout steps trained
+        assert_eq!(t["timesteps"].as_array().unwrap().len(), 3, "{t}");
+        assert!(t["grad_norm"].as_f64().unwrap().is_finite());
+    }
+    let b = dir.join("b");
+    dgpo::train::run_until(&cfg, &b, false, &dev, Some(2)).unwrap();
+    dgpo::train::run(&cfg, &b, true, &dev).unwrap();
+    assert_eq!(ma, metrics(&b));
+    let wa = std::fs::read(a.join("checkpoints/epoch-00003/train_state.safetensors")).unwrap();
+    let wb = std::fs::read(b.join("checkpoints/epoch-00003/train_state.safetensors")).unwrap();
+    assert!(wa == wb, "resumed weights differ");
+    // Flow-GRPO's SDE lives on the Euler grid: another rollout solver is refused up front
+    let e = Config::from_toml(
+        "[train]\nalgorithm = \"flow_grpo\"\n[sample]\nsampler = \"dpm_solver2m\"\n",
+        "fg.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("sample.sampler = \"euler\""), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
