@@ -111,11 +111,16 @@ fn missing_config_file_and_bad_device_are_clear() {
 
 #[test]
 fn help_shows_an_example_per_command() {
-    for cmd in ["train", "sample", "export", "pretrain"] {
+    for cmd in ["train", "sample", "export", "pretrain", "eval"] {
         let (code, out, _) = dgpo(&[cmd, "--help"]);
         assert_eq!(code, 0);
+        let first = if cmd == "export" {
+            "--checkpoint"
+        } else {
+            "--config"
+        };
         assert!(
-            out.contains(&format!("dgpo {cmd} --config")),
+            out.contains("Example") && out.contains(&format!("dgpo {cmd} {first}")),
             "{cmd}: {out}"
         );
     }
