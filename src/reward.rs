@@ -58,8 +58,60 @@ impl Reward for ShapesGeneval {
     }
 }
 
+/// Size in kB (1000 bytes) of an image encoded as baseline JPEG at quality 95, 4:2:0, standard Huffman
+/// tables — what PIL's `image.save(buffer, format="JPEG", quality=95)` does in the reference rewards.
+pub fn jpeg_size_kb(im: &Image) -> Result<f64> {
+    let (w, h) = (u16::try_from(im.width)?, u16::try_from(im.height)?);
+    let mut buf = Vec::new();
+    let mut enc = jpeg_encoder::Encoder::new(&mut buf, 95);
+    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
+    enc.encode(&im.data, w, h, jpeg_encoder::ColorType::Rgb)
+        .map_err(|e| anyhow::anyhow!("JPEG encoding of a {w}x{h} image: {e}"))?;
+    Ok(buf.len() as f64 / 1000.0)
+}
+
+/// `jpeg_incompressibility`: the JPEG size in kB (quality 95); `jpeg_compressibility`: its negative
+/// (ALGORITHM.md; Flow-GRPO's variant divides by 500, i.e. `weight = 0.002`). Sub-metric `size_kb`.
+pub struct JpegSize {
+    pub compressible: bool,
+}
+
+impl Reward for JpegSize {
+    fn name(&self) -> &str {
+        if self.compressible {
+            "jpeg_compressibility"
+        } else {
+            "jpeg_incompressibility"
+        }
+    }
+
+    fn score(
+        &self,
+        images: &[Image],
+        _prompts: &[String],
+        _metadata: &[Option<Metadata>],
+    ) -> Result<RewardOutput> {
+        let sizes = images
+            .iter()
+            .map(jpeg_size_kb)
+            .collect::<Result<Vec<_>>>()?;
+        let sign = if self.compressible { -1.0 } else { 1.0 };
+        let mut out = RewardOutput {
+            scores: sizes.iter().map(|s| (sign * s) as f32).collect(),
+            ..Default::default()
+        };
+        out.sub
+            .insert("size_kb".into(), sizes.iter().map(|s| *s as f32).collect());
+        Ok(out)
+    }
+}
+
 /// Names accepted in `[[reward]] kind = …` today.
-pub const KNOWN: [&str; 1] = ["shapes_geneval"];
+pub const KNOWN: [&str; 3] = [
+    "shapes_geneval",
+    "jpeg_compressibility",
+    "jpeg_incompressibility",
+];
 
 /// Per-image values of every module and sub-metric, by name.
 pub type NamedScores = BTreeMap<String, Vec<f32>>;
@@ -78,6 +130,10 @@ impl Rewards {
         for (i, r) in cfg.iter().enumerate() {
             let m: Box<dyn Reward> = match r.kind.as_str() {
                 "shapes_geneval" => Box::new(ShapesGeneval),
+                "jpeg_compressibility" => Box::new(JpegSize { compressible: true }),
+                "jpeg_incompressibility" => Box::new(JpegSize {
+                    compressible: false,
+                }),
                 other => bail!(
                     "reward[{i}].kind = {other:?} is not available (known: {}; remote and CLIP-family \
                      rewards arrive with issue 6)",
@@ -134,6 +190,36 @@ mod tests {
     use super::*;
     use crate::shapes::{prompts::colors, scene_for};
     use rand::SeedableRng;
+
+    #[test]
+    fn jpeg_rewards_prefer_flat_images_and_are_exact_negatives() {
+        let flat = crate::shapes::Image::new(32, 32, [40, 40, 40]);
+        let mut busy = flat.clone();
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        busy.add_noise(60.0, &mut rng);
+        let (a, b) = (jpeg_size_kb(&flat).unwrap(), jpeg_size_kb(&busy).unwrap());
+        assert!(a > 0.1 && b > 2.0 * a, "flat {a} kB, noisy {b} kB");
+        // a JPEG starts with SOI and ends with EOI: the size is the whole file
+        let cfg = |k: &str| RewardConfig {
+            kind: k.into(),
+            weight: 1.0,
+            url: None,
+        };
+        let imgs = [flat, busy];
+        let p = vec![String::new(); 2];
+        let m = vec![None, None];
+        let (c, named) = Rewards::from_config(&[cfg("jpeg_compressibility")])
+            .unwrap()
+            .score(&imgs, &p, &m)
+            .unwrap();
+        let (i, _) = Rewards::from_config(&[cfg("jpeg_incompressibility")])
+            .unwrap()
+            .score(&imgs, &p, &m)
+            .unwrap();
+        assert!(c[0] > c[1], "the flat image compresses better");
+        assert_eq!(c.iter().map(|x| -x).collect::<Vec<_>>(), i);
+        assert!((named["jpeg_compressibility/size_kb"][1] as f64 - b).abs() < 1e-6);
+    }
 
     #[test]
     fn weighted_sum_and_unknown_kinds() {
