@@ -297,9 +297,36 @@ pub struct RewardConfig {
     pub kind: String,
     #[serde(default = "one")]
     pub weight: f64,
-    /// Server address for remote rewards.
+    /// Server address for remote rewards (`kind = "remote"`: the JSON protocol of Flow-Factory's
+    /// reward servers, `POST <url>/compute`).
     #[serde(default)]
     pub url: Option<String>,
+    /// Remote rewards: seconds before a request is abandoned (and retried).
+    #[serde(default = "default_timeout")]
+    pub timeout_s: f64,
+    /// Remote rewards: further attempts after a failed request, with doubling back-off from 1 s.
+    #[serde(default = "default_retries")]
+    pub retries: u32,
+}
+
+impl Default for RewardConfig {
+    fn default() -> Self {
+        Self {
+            kind: "shapes_geneval".into(),
+            weight: 1.0,
+            url: None,
+            timeout_s: default_timeout(),
+            retries: default_retries(),
+        }
+    }
+}
+
+fn default_timeout() -> f64 {
+    120.0
+}
+
+fn default_retries() -> u32 {
+    3
 }
 
 fn one() -> f64 {

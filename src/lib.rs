@@ -15,6 +15,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pretrain;
 pub mod reward;
+pub mod reward_remote;
 pub mod sample;
 pub mod sampling;
 pub mod shapes;

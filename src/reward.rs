@@ -4,7 +4,7 @@
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
 use crate::shapes::{score_image, Image};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 
 /// Scores of one batch.
@@ -107,10 +107,11 @@ impl Reward for JpegSize {
 }
 
 /// Names accepted in `[[reward]] kind = …` today.
-pub const KNOWN: [&str; 3] = [
+pub const KNOWN: [&str; 4] = [
     "shapes_geneval",
     "jpeg_compressibility",
     "jpeg_incompressibility",
+    "remote",
 ];
 
 /// Per-image values of every module and sub-metric, by name.
@@ -134,6 +135,15 @@ impl Rewards {
                 "jpeg_incompressibility" => Box::new(JpegSize {
                     compressible: false,
                 }),
+                "remote" => {
+                    let url = r.url.as_deref().with_context(|| {
+                        format!("reward[{i}]: kind = \"remote\" needs url = \"http://host:port\"")
+                    })?;
+                    Box::new(
+                        crate::reward_remote::RemoteReward::new(url, r.timeout_s, r.retries)
+                            .with_context(|| format!("reward[{i}]"))?,
+                    )
+                }
                 other => bail!(
                     "reward[{i}].kind = {other:?} is not available (known: {}; remote and CLIP-family \
                      rewards arrive with issue 6)",
@@ -203,7 +213,7 @@ mod tests {
         let cfg = |k: &str| RewardConfig {
             kind: k.into(),
             weight: 1.0,
-            url: None,
+            ..Default::default()
         };
         let imgs = [flat, busy];
         let p = vec![String::new(); 2];
@@ -230,7 +240,7 @@ mod tests {
         let cfg = vec![RewardConfig {
             kind: "shapes_geneval".into(),
             weight: 2.0,
-            url: None,
+            ..Default::default()
         }];
         let r = Rewards::from_config(&cfg).unwrap();
         let (total, named) = r
@@ -245,7 +255,7 @@ mod tests {
         let bad = vec![RewardConfig {
             kind: "geneval_server".into(),
             weight: 1.0,
-            url: None,
+            ..Default::default()
         }];
         let e = Rewards::from_config(&bad).err().unwrap().to_string();
         assert!(

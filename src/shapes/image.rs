@@ -34,9 +34,8 @@ impl Image {
         self.data[i..i + 3].copy_from_slice(&rgb);
     }
 
-    /// Write as PNG, atomically: a temporary file next to `path`, then a rename. Creates the parent
-    /// folder if needed.
-    pub fn to_png(&self, path: &Path) -> Result<()> {
+    /// The image encoded as an 8-bit RGB PNG.
+    pub fn png_bytes(&self) -> Result<Vec<u8>> {
         ensure!(
             self.data.len() == 3 * self.width * self.height && self.width > 0 && self.height > 0,
             "image {}x{} with {} bytes cannot be written as PNG",
@@ -44,37 +43,24 @@ impl Image {
             self.height,
             self.data.len()
         );
-        if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-            std::fs::create_dir_all(dir).with_context(|| format!("creating {}", dir.display()))?;
-        }
-        let name = path
-            .file_name()
-            .with_context(|| format!("{} has no file name", path.display()))?;
-        let tmp = path.with_file_name(format!(
-            ".{}.{}.tmp",
-            name.to_string_lossy(),
-            std::process::id()
-        ));
-        let write = || -> Result<()> {
-            let file = std::fs::File::create(&tmp)?;
-            let mut enc = png::Encoder::new(
-                std::io::BufWriter::new(file),
-                self.width as u32,
-                self.height as u32,
-            );
+        let mut out = Vec::new();
+        {
+            let mut enc = png::Encoder::new(&mut out, self.width as u32, self.height as u32);
             enc.set_color(png::ColorType::Rgb);
             enc.set_depth(png::BitDepth::Eight);
             let mut writer = enc.write_header()?;
             writer.write_image_data(&self.data)?;
             writer.finish()?;
-            Ok(())
-        };
-        if let Err(e) = write() {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e.context(format!("writing PNG {}", tmp.display())));
         }
-        std::fs::rename(&tmp, path)
-            .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))
+        Ok(out)
+    }
+
+    /// Write as PNG, atomically: a temporary file next to `path`, then a rename. Creates the parent
+    /// folder if needed.
+    pub fn to_png(&self, path: &Path) -> Result<()> {
+        let bytes = self.png_bytes()?;
+        crate::io::write_atomic(path, &bytes)
+            .with_context(|| format!("writing PNG {}", path.display()))
     }
 
     /// 3×3 box blur; at the border the mean is over the neighbours inside the image.
