@@ -223,6 +223,18 @@ pub struct TrainConfig {
     /// Flow-GRPO: evaluate the policy with CFG (`sample.guidance_scale`) when training, as the
     /// reference does (`train.cfg = True`).
     pub grpo_train_cfg: bool,
+    /// Several rewards: `sum` normalises the weighted sum per group (the reference); `decoupled`
+    /// normalises each reward per group, sums with the weights and renormalises over the batch (GDPO).
+    pub advantages: AdvantageMode,
+}
+
+/// How several rewards become one advantage.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "snake_case")]
+pub enum AdvantageMode {
+    #[default]
+    Sum,
+    Decoupled,
 }
 
 /// The RL algorithm of `dgpo train`.
@@ -262,6 +274,7 @@ impl Default for TrainConfig {
             noise_level: 0.7,
             timestep_fraction: 0.99,
             grpo_train_cfg: true,
+            advantages: AdvantageMode::Sum,
         }
     }
 }

@@ -59,6 +59,56 @@ fn mean_std(xs: &[f64]) -> (f64, f64) {
     (mean, var.sqrt())
 }
 
+/// Decoupled multi-reward advantages (GDPO, "group reward-decoupled normalization"): each reward
+/// module's scores are normalised within their groups on their own (as [`advantages`], unclamped),
+/// the normalised values are summed with the modules' weights, and the sum is normalised over the
+/// batch (`(s − mean)/(std + 1e-4)`) and clamped to `±adv_clip_max`. `parts` are (weight, scores) per
+/// module. A group counts as zero-std when every module's rewards are constant in it.
+pub fn decoupled_advantages(
+    parts: &[(f64, Vec<f32>)],
+    group_size: usize,
+    global_std: bool,
+    adv_clip_max: f32,
+) -> Result<Advantages> {
+    ensure!(!parts.is_empty(), "no reward modules to normalise");
+    ensure!(
+        adv_clip_max > 0.0,
+        "adv_clip_max must be positive, got {adv_clip_max}"
+    );
+    let n = parts[0].1.len();
+    let mut sum = vec![0f64; n];
+    let mut constant = vec![true; n / group_size.max(1)];
+    for (w, r) in parts {
+        ensure!(
+            r.len() == n,
+            "reward modules scored {} and {n} images",
+            r.len()
+        );
+        let a = advantages(r, group_size, global_std, f32::MAX)?;
+        for (s, v) in sum.iter_mut().zip(&a.values) {
+            *s += w * f64::from(*v);
+        }
+        for (g, c) in constant.iter_mut().enumerate() {
+            let grp = &r[g * group_size..(g + 1) * group_size];
+            *c &= grp.iter().all(|x| *x == grp[0]);
+        }
+    }
+    let (mean, std) = mean_std(&sum);
+    let clip = f64::from(adv_clip_max);
+    Ok(Advantages {
+        values: sum
+            .iter()
+            .map(|s| ((s - mean) / (std + ADV_STD_EPS)).clamp(-clip, clip) as f32)
+            .collect(),
+        zero_std_groups: if group_size > 1 {
+            constant.iter().filter(|c| **c).count()
+        } else {
+            0
+        },
+        std_used: vec![std as f32; constant.len()],
+    })
+}
+
 /// Group advantages `A_i = clamp((r_i − mean_g)/(std + 1e-4), ±adv_clip_max)`; groups are consecutive runs
 /// of `group_size` rewards (a prompt repeated `G` times).
 pub fn advantages(
@@ -300,6 +350,32 @@ pub fn dgpo_loss(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn decoupled_advantages_normalise_each_reward_then_the_sum() {
+        // two groups of 2; module a varies only in group 0, module b only in group 1 and has 100× the scale
+        let a = vec![1.0f32, 0.0, 0.5, 0.5];
+        let b = vec![7.0f32, 7.0, 300.0, 100.0];
+        let d = decoupled_advantages(&[(1.0, a.clone()), (0.5, b.clone())], 2, false, 5.0).unwrap();
+        // per module, per group: ±1/(0.5 + 1e-4) and ±100/(100 + 1e-4), zero where constant
+        let ua = 0.5 / (0.5 + ADV_STD_EPS);
+        let ub = 100.0 / (100.0 + ADV_STD_EPS);
+        let sum = [ua, -ua, 0.5 * ub, -0.5 * ub];
+        let mean = sum.iter().sum::<f64>() / 4.0;
+        let std = (sum.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / 4.0).sqrt();
+        for (got, s) in d.values.iter().zip(sum) {
+            let want = (s - mean) / (std + ADV_STD_EPS);
+            assert!((*got as f64 - want).abs() < 1e-5, "{got} vs {want}");
+        }
+        assert_eq!(d.zero_std_groups, 0);
+        // the plain sum would let b's scale swamp a: group 0's advantages would be ±1 from a alone
+        // and group 1's ±1 from b; decoupled keeps a's weight 1 against b's 0.5
+        assert!(d.values[0].abs() > d.values[2].abs());
+        // a group constant in every module counts as zero-std
+        let c = decoupled_advantages(&[(1.0, vec![1.0, 1.0, 0.0, 1.0])], 2, false, 5.0).unwrap();
+        assert_eq!(c.zero_std_groups, 1);
+        assert!(decoupled_advantages(&[(1.0, a), (1.0, vec![1.0])], 2, false, 5.0).is_err());
+    }
     use candle_core::{Device, Var};
     use rand::SeedableRng;
 

@@ -117,6 +117,9 @@ pub const KNOWN: [&str; 4] = [
 /// Per-image values of every module and sub-metric, by name.
 pub type NamedScores = BTreeMap<String, Vec<f32>>;
 
+/// Each module's weight and raw per-image scores, in config order.
+pub type ModuleScores = Vec<(f64, Vec<f32>)>;
+
 /// A weighted sum of reward modules.
 pub struct Rewards {
     parts: Vec<(f64, Box<dyn Reward>)>,
@@ -163,9 +166,23 @@ impl Rewards {
         prompts: &[String],
         metadata: &[Option<Metadata>],
     ) -> Result<(Vec<f32>, NamedScores)> {
+        let (total, named, _) = self.score_parts(images, prompts, metadata)?;
+        Ok((total, named))
+    }
+
+    /// As [`Rewards::score`], also returning each module's weight and raw scores in config order (for
+    /// decoupled advantages). Two modules of the same kind are named `<kind>` and `<kind>#1`, ….
+    pub fn score_parts(
+        &self,
+        images: &[Image],
+        prompts: &[String],
+        metadata: &[Option<Metadata>],
+    ) -> Result<(Vec<f32>, NamedScores, ModuleScores)> {
         let n = images.len();
         let mut total = vec![0f32; n];
         let mut named = BTreeMap::new();
+        let mut parts = Vec::with_capacity(self.parts.len());
+        let mut seen: BTreeMap<String, usize> = BTreeMap::new();
         for (w, m) in &self.parts {
             let o = m.score(images, prompts, metadata)?;
             if o.scores.len() != n {
@@ -186,12 +203,19 @@ impl Rewards {
             for (t, s) in total.iter_mut().zip(&o.scores) {
                 *t += (*w as f32) * s;
             }
-            named.insert(m.name().to_string(), o.scores);
+            let count = seen.entry(m.name().to_string()).or_insert(0);
+            let name = match *count {
+                0 => m.name().to_string(),
+                k => format!("{}#{k}", m.name()),
+            };
+            *count += 1;
+            parts.push((*w, o.scores.clone()));
+            named.insert(name.clone(), o.scores);
             for (k, v) in o.sub {
-                named.insert(format!("{}/{k}", m.name()), v);
+                named.insert(format!("{name}/{k}"), v);
             }
         }
-        Ok((total, named))
+        Ok((total, named, parts))
     }
 }
 

@@ -9,7 +9,7 @@
 //! Determinism: everything random is seeded by `(run.seed, epoch, purpose)`, so a resumed run repeats
 //! an uninterrupted one (its metrics match, timings aside).
 
-use crate::config::{Algorithm, Config, PromptSampling};
+use crate::config::{AdvantageMode, Algorithm, Config, PromptSampling};
 use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
 use crate::eval::{evaluate, EvalSettings};
 use crate::geneval::{read_metadata, Metadata};
@@ -444,8 +444,16 @@ pub fn run_until(
         // ---- rewards ----
         let t_rew = Instant::now();
         let images = tensor_to_images(&x0_all)?;
-        let (reward, named) = rewards.score(&images, &prompts, &metas)?;
-        let adv = advantages(&reward, g, t.global_std, t.adv_clip_max as f32)?;
+        let (reward, named, parts) = rewards.score_parts(&images, &prompts, &metas)?;
+        let adv = match t.advantages {
+            AdvantageMode::Sum => advantages(&reward, g, t.global_std, t.adv_clip_max as f32)?,
+            AdvantageMode::Decoupled => crate::dgpo_loss::decoupled_advantages(
+                &parts,
+                g,
+                t.global_std,
+                t.adv_clip_max as f32,
+            )?,
+        };
         let rew_s = t_rew.elapsed().as_secs_f64();
         // ---- update ----
         let t_upd = Instant::now();
