@@ -478,7 +478,7 @@ pub fn run_until(
         let mut acc = opt.accum();
         let n_micro = per_epoch / t.batch_size;
         let passes = (n_micro * js.len()) as f64;
-        let (mut pl, mut kl, mut clip, mut lsum) = (0f64, 0f64, 0f64, 0f64);
+        let mut tot = PassTotals::default();
         let bar = stage_bar(
             n_micro * js.len(),
             &format!("epoch {epoch} update"),
@@ -511,21 +511,14 @@ pub fn run_until(
                         guidance: s.guidance_scale,
                         passes,
                     })?;
-                    for (terms, share, lv, grads) in outs {
-                        let Some(grads) = grads else {
-                            bail!(
-                                "epoch {epoch}: the Flow-GRPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
-                                 lower train.learning_rate",
-                                terms.policy_loss,
-                                terms.kl
-                            );
-                        };
-                        opt.add(&mut acc, &grads)?;
-                        pl += share * terms.policy_loss as f64;
-                        kl += share * terms.kl as f64;
-                        clip += share * terms.clip_frac as f64;
-                        lsum += share * lv as f64;
-                    }
+                    tot.absorb(
+                        &opt,
+                        &mut acc,
+                        outs,
+                        epoch,
+                        "Flow-GRPO",
+                        "lower train.learning_rate",
+                    )?;
                     bar.inc(1);
                     continue;
                 }
@@ -587,23 +580,23 @@ pub fn run_until(
                     } else {
                         None
                     };
-                    Ok((terms, share, lv, grads))
+                    Ok(ShardPass::new(
+                        terms.policy_loss,
+                        terms.kl,
+                        terms.clip_frac,
+                        share,
+                        lv,
+                        grads,
+                    ))
                 })?;
-                for (terms, share, lv, grads) in parts {
-                    let Some(grads) = grads else {
-                        bail!(
-                            "epoch {epoch}: the DGPO loss is {lv} (policy {}, kl {}); the last good checkpoint is kept — \
-                             lower train.learning_rate or train.beta_dpo",
-                            terms.policy_loss,
-                            terms.kl
-                        );
-                    };
-                    opt.add(&mut acc, &grads)?;
-                    pl += share * terms.policy_loss as f64;
-                    kl += share * terms.kl as f64;
-                    clip += share * terms.clip_frac as f64;
-                    lsum += share * lv as f64;
-                }
+                tot.absorb(
+                    &opt,
+                    &mut acc,
+                    parts,
+                    epoch,
+                    "DGPO",
+                    "lower train.learning_rate or train.beta_dpo",
+                )?;
                 bar.inc(1);
             }
         }
@@ -620,8 +613,8 @@ pub fn run_until(
         let rmean = mean(&reward);
         let mut line = serde_json::json!({
             "kind": "train", "epoch": epoch, "opt_step": step, "wall_s": wall,
-            "reward_mean": rmean, "loss": lsum / passes, "policy_loss": pl / passes,
-            "kl": kl / passes, "clip_frac": clip / passes, "grad_norm": gn,
+            "reward_mean": rmean, "loss": tot.loss / passes, "policy_loss": tot.policy / passes,
+            "kl": tot.kl / passes, "clip_frac": tot.clip / passes, "grad_norm": gn,
             "zero_std_ratio": adv.zero_std_groups as f64 / n_groups as f64,
             "adv_abs_mean": mean(&adv.values.iter().map(|a| a.abs()).collect::<Vec<_>>()),
             "timesteps": js.iter().map(|&j| sched.timesteps[j]).collect::<Vec<_>>(),
@@ -634,9 +627,9 @@ pub fn run_until(
         append_metrics(&metrics, &line)?;
         println!(
             "epoch {epoch:>4}  step {step:>4}  reward {rmean:.3}  loss {:+.4}  kl {:.4}  clip {:.2}  |g| {gn:.3}  zero-std {}/{}  {:.0}+{:.0}+{:.0} s",
-            lsum / passes,
-            kl / passes,
-            clip / passes,
+            tot.loss / passes,
+            tot.kl / passes,
+            tot.clip / passes,
             adv.zero_std_groups,
             n_groups,
             roll_s,
@@ -679,6 +672,77 @@ pub fn run_until(
     Ok(())
 }
 
+/// What one worker's shard of a training pass reports (DGPO or Flow-GRPO): its loss terms, its share
+/// of the micro-batch, the loss value and the gradients (`None` when the loss is not finite).
+struct ShardPass {
+    policy_loss: f32,
+    kl: f32,
+    clip_frac: f32,
+    share: f64,
+    loss: f32,
+    grads: Option<candle_core::backprop::GradStore>,
+}
+
+impl ShardPass {
+    fn new(
+        policy_loss: f32,
+        kl: f32,
+        clip_frac: f32,
+        share: f64,
+        loss: f32,
+        grads: Option<candle_core::backprop::GradStore>,
+    ) -> Self {
+        Self {
+            policy_loss,
+            kl,
+            clip_frac,
+            share,
+            loss,
+            grads,
+        }
+    }
+}
+
+/// An epoch's loss terms summed over its passes, weighted by shard share.
+#[derive(Default)]
+struct PassTotals {
+    policy: f64,
+    kl: f64,
+    clip: f64,
+    loss: f64,
+}
+
+impl PassTotals {
+    /// Add the shards' gradients to the accumulator and their terms to the totals; a non-finite loss
+    /// stops the run naming the epoch, the algorithm and its terms.
+    fn absorb(
+        &mut self,
+        opt: &AdamW,
+        acc: &mut crate::optim::GradAccum,
+        shards: Vec<ShardPass>,
+        epoch: usize,
+        algorithm: &str,
+        hint: &str,
+    ) -> Result<()> {
+        for p in shards {
+            let Some(grads) = &p.grads else {
+                bail!(
+                    "epoch {epoch}: the {algorithm} loss is {} (policy {}, kl {}); the last good checkpoint is kept — {hint}",
+                    p.loss,
+                    p.policy_loss,
+                    p.kl
+                );
+            };
+            opt.add(acc, grads)?;
+            self.policy += p.share * p.policy_loss as f64;
+            self.kl += p.share * p.kl as f64;
+            self.clip += p.share * p.clip_frac as f64;
+            self.loss += p.share * p.loss as f64;
+        }
+        Ok(())
+    }
+}
+
 /// Inputs of one Flow-GRPO training pass: rollout step `j` of the micro-batch `lo..lo + n`.
 struct GrpoPass<'a> {
     model: &'a crate::model::MMDiT,
@@ -701,14 +765,7 @@ struct GrpoPass<'a> {
 /// (CFG as in the rollout when `grpo_train_cfg`), the reference's step mean for the KL term, the loss
 /// of [`crate::flow_grpo::grpo_loss`] and its gradient (scaled by the shard's share over `passes`),
 /// one shard of whole groups per worker thread.
-type PassOut = (
-    crate::flow_grpo::GrpoTerms,
-    f64,
-    f32,
-    Option<candle_core::backprop::GradStore>,
-);
-
-fn grpo_pass(p: GrpoPass) -> Result<Vec<PassOut>> {
+fn grpo_pass(p: GrpoPass) -> Result<Vec<ShardPass>> {
     use crate::flow_grpo::{grpo_loss, sde_step};
     use crate::sampling::guided_velocity_at;
     let (j, n) = (p.j, p.n);
@@ -775,7 +832,14 @@ fn grpo_pass(p: GrpoPass) -> Result<Vec<PassOut>> {
         } else {
             None
         };
-        Ok((terms, share, lv, grads))
+        Ok(ShardPass::new(
+            terms.policy_loss,
+            terms.kl,
+            terms.clip_frac,
+            share,
+            lv,
+            grads,
+        ))
     })
 }
 
