@@ -317,9 +317,22 @@ pub struct RewardConfig {
     /// Remote rewards: seconds before a request is abandoned (and retried).
     #[serde(default = "default_timeout")]
     pub timeout_s: f64,
-    /// Remote rewards: further attempts after a failed request, with doubling back-off from 1 s.
+    /// Remote rewards: further attempts after a failed request, with doubling back-off.
     #[serde(default = "default_retries")]
     pub retries: u32,
+    /// Remote rewards: seconds before the first retry (doubling each time).
+    #[serde(default = "one")]
+    pub backoff_s: f64,
+    /// Remote rewards: `json` (Flow-Factory's `POST <url>/compute`) or `flow_grpo_pickle` (the
+    /// pickle-over-HTTP protocol of Flow-GRPO's GenEval server, `POST <url>` with JPEG bytes).
+    #[serde(default = "default_protocol")]
+    pub protocol: String,
+    /// Remote rewards: images per request (0: all images of a call in one request).
+    #[serde(default)]
+    pub batch_size: usize,
+    /// Remote rewards: requests in flight at once.
+    #[serde(default = "default_concurrency")]
+    pub max_concurrency: usize,
 }
 
 impl Default for RewardConfig {
@@ -330,8 +343,20 @@ impl Default for RewardConfig {
             url: None,
             timeout_s: default_timeout(),
             retries: default_retries(),
+            backoff_s: 1.0,
+            protocol: default_protocol(),
+            batch_size: 0,
+            max_concurrency: default_concurrency(),
         }
     }
+}
+
+fn default_protocol() -> String {
+    "json".into()
+}
+
+fn default_concurrency() -> usize {
+    4
 }
 
 fn default_timeout() -> f64 {
@@ -701,6 +726,24 @@ impl Config {
                 ),
             );
             need(!rw.kind.is_empty(), format!("reward[{i}].kind is empty"));
+            need(
+                ["json", "flow_grpo_pickle"].contains(&rw.protocol.as_str()),
+                format!(
+                    "reward[{i}].protocol = {:?}: expected \"json\" or \"flow_grpo_pickle\"",
+                    rw.protocol
+                ),
+            );
+            need(
+                rw.max_concurrency >= 1,
+                format!("reward[{i}].max_concurrency must be at least 1"),
+            );
+            need(
+                rw.backoff_s >= 0.0 && rw.backoff_s.is_finite(),
+                format!(
+                    "reward[{i}].backoff_s = {} must be a non-negative number of seconds",
+                    rw.backoff_s
+                ),
+            );
         }
         p
     }

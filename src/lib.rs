@@ -16,6 +16,7 @@ pub mod plan;
 pub mod pretrain;
 pub mod reward;
 pub mod reward_remote;
+pub mod reward_serve;
 pub mod sample;
 pub mod sampling;
 pub mod shapes;

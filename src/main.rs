@@ -162,6 +162,27 @@ enum Command {
         #[arg(long)]
         grid: Option<PathBuf>,
     },
+    /// Serve dgpo's in-process rewards over HTTP (JSON protocol: GET /health, POST /compute).
+    #[command(
+        name = "reward-server",
+        after_help = "Examples:\n  dgpo reward-server --reward shapes_geneval --port 18085\n  \
+                      dgpo reward-server --config configs/shapes.toml --host 0.0.0.0 --port 18085"
+    )]
+    RewardServer {
+        /// Serve the [[reward]] modules of this config (weighted as there).
+        #[arg(long, short, conflicts_with = "reward")]
+        config: Option<PathBuf>,
+        /// Serve this reward kind with weight 1 (repeatable), e.g. shapes_geneval.
+        #[arg(long)]
+        reward: Vec<String>,
+        #[arg(long, default_value = "127.0.0.1")]
+        host: String,
+        #[arg(long, default_value_t = 18085)]
+        port: u16,
+        /// Worker threads answering requests.
+        #[arg(long, default_value_t = 2)]
+        workers: usize,
+    },
 }
 
 fn parse_sampler(s: &str) -> Result<dgpo::config::Sampler, String> {
@@ -325,6 +346,45 @@ fn run(cli: Cli) -> Result<()> {
                 grid.as_deref(),
                 &device,
             )
+        }
+        Command::RewardServer {
+            config,
+            reward,
+            host,
+            port,
+            workers,
+        } => {
+            let cfgs = match config {
+                Some(c) => Config::load(&c, &[])?.reward,
+                None if reward.is_empty() => anyhow::bail!(
+                    "reward-server: name what to serve with --reward KIND (e.g. shapes_geneval) or \
+                     --config FILE"
+                ),
+                None => reward
+                    .iter()
+                    .map(|k| dgpo::config::RewardConfig {
+                        kind: k.clone(),
+                        ..Default::default()
+                    })
+                    .collect(),
+            };
+            let rewards = dgpo::reward::Rewards::from_config(&cfgs)?;
+            let names: Vec<&str> = cfgs.iter().map(|r| r.kind.as_str()).collect();
+            let server = dgpo::reward_serve::RewardServer::start(
+                &format!("{host}:{port}"),
+                rewards,
+                dgpo::reward_serve::ServeOptions {
+                    threads: workers,
+                    max_requests: None,
+                },
+            )?;
+            println!(
+                "serving {} at {} (GET /health, POST /compute); Ctrl-C stops",
+                names.join(" + "),
+                server.url()
+            );
+            server.wait();
+            Ok(())
         }
     }
 }

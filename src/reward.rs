@@ -17,6 +17,11 @@ pub struct RewardOutput {
 
 pub trait Reward: Send + Sync {
     fn name(&self) -> &str;
+    /// Called once before any long work (e.g. a server's health check): an error stops the run
+    /// before its first rollout.
+    fn check(&self) -> Result<()> {
+        Ok(())
+    }
     fn score(
         &self,
         images: &[Image],
@@ -61,13 +66,19 @@ impl Reward for ShapesGeneval {
 /// Size in kB (1000 bytes) of an image encoded as baseline JPEG at quality 95, 4:2:0, standard Huffman
 /// tables — what PIL's `image.save(buffer, format="JPEG", quality=95)` does in the reference rewards.
 pub fn jpeg_size_kb(im: &Image) -> Result<f64> {
+    Ok(jpeg_bytes(im, 95)?.len() as f64 / 1000.0)
+}
+
+/// Baseline JPEG at `quality`, 4:2:0, standard tables (PIL's defaults apart from the quality, which
+/// PIL defaults to 75).
+pub fn jpeg_bytes(im: &Image, quality: u8) -> Result<Vec<u8>> {
     let (w, h) = (u16::try_from(im.width)?, u16::try_from(im.height)?);
     let mut buf = Vec::new();
-    let mut enc = jpeg_encoder::Encoder::new(&mut buf, 95);
+    let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
     enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
     enc.encode(&im.data, w, h, jpeg_encoder::ColorType::Rgb)
         .map_err(|e| anyhow::anyhow!("JPEG encoding of a {w}x{h} image: {e}"))?;
-    Ok(buf.len() as f64 / 1000.0)
+    Ok(buf)
 }
 
 /// `jpeg_incompressibility`: the JPEG size in kB (quality 95); `jpeg_compressibility`: its negative
@@ -120,6 +131,35 @@ pub type NamedScores = BTreeMap<String, Vec<f32>>;
 /// Each module's weight and raw per-image scores, in config order.
 pub type ModuleScores = Vec<(f64, Vec<f32>)>;
 
+/// What [`Rewards::score_parts`] returns.
+pub type Scored = (Vec<f32>, NamedScores, ModuleScores);
+
+/// The scores of consecutive batches as one; a named score is kept when every batch has it.
+pub fn concat_scored(parts: Vec<Scored>) -> Result<Scored> {
+    let mut it = parts.into_iter();
+    let Some((mut total, mut named, mut modules)) = it.next() else {
+        return Ok(Default::default());
+    };
+    for (t, n, m) in it {
+        if m.len() != modules.len() {
+            bail!(
+                "reward batches with {} and {} modules",
+                modules.len(),
+                m.len()
+            );
+        }
+        total.extend(t);
+        named.retain(|k, _| n.contains_key(k));
+        for (k, v) in named.iter_mut() {
+            v.extend(&n[k]);
+        }
+        for ((_, a), (_, b)) in modules.iter_mut().zip(m) {
+            a.extend(b);
+        }
+    }
+    Ok((total, named, modules))
+}
+
 /// A weighted sum of reward modules.
 pub struct Rewards {
     parts: Vec<(f64, Box<dyn Reward>)>,
@@ -138,24 +178,29 @@ impl Rewards {
                 "jpeg_incompressibility" => Box::new(JpegSize {
                     compressible: false,
                 }),
-                "remote" => {
-                    let url = r.url.as_deref().with_context(|| {
-                        format!("reward[{i}]: kind = \"remote\" needs url = \"http://host:port\"")
-                    })?;
-                    Box::new(
-                        crate::reward_remote::RemoteReward::new(url, r.timeout_s, r.retries)
-                            .with_context(|| format!("reward[{i}]"))?,
-                    )
-                }
+                "remote" => Box::new(
+                    crate::reward_remote::RemoteReward::from_config(r)
+                        .with_context(|| format!("reward[{i}]"))?,
+                ),
                 other => bail!(
-                    "reward[{i}].kind = {other:?} is not available (known: {}; remote and CLIP-family \
-                     rewards arrive with issue 6)",
+                    "reward[{i}].kind = {other:?} is not available (known: {}; the CLIP-family \
+                     rewards clip_score, pickscore and aesthetic are not built yet: serve them with \
+                     scripts/reward_server.py and kind = \"remote\")",
                     KNOWN.join(", ")
                 ),
             };
             parts.push((r.weight, m));
         }
         Ok(Self { parts })
+    }
+
+    /// Every module's [`Reward::check`] (servers answer their health check), before any long work.
+    pub fn check(&self) -> Result<()> {
+        for (i, (_, m)) in self.parts.iter().enumerate() {
+            m.check()
+                .with_context(|| format!("reward[{i}] ({}) failed its check", m.name()))?;
+        }
+        Ok(())
     }
 
     /// Weighted total per image (`avg` in the reference code) and every module's scores and
@@ -177,7 +222,7 @@ impl Rewards {
         images: &[Image],
         prompts: &[String],
         metadata: &[Option<Metadata>],
-    ) -> Result<(Vec<f32>, NamedScores, ModuleScores)> {
+    ) -> Result<Scored> {
         let n = images.len();
         let mut total = vec![0f32; n];
         let mut named = BTreeMap::new();

@@ -273,6 +273,9 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         source = "--prompt".into();
     }
     let rewards = Rewards::from_config(&cfg.reward).ok();
+    if let Some(r) = &rewards {
+        r.check()?;
+    }
     let all_meta = prompts.iter().all(|p| p.meta.is_some());
     // ---- models (all loaded and checked before any sampling) ----
     let sources: Vec<Option<&Path>> = if a.checkpoints.is_empty() {

@@ -142,6 +142,7 @@ pub fn run_until(
     let train_metas = read_metadata(train_path)?;
     let test_metas = read_metadata(test_path)?;
     let rewards = Rewards::from_config(&cfg.reward)?;
+    rewards.check()?;
     let settings = EvalSettings::from_config(cfg)?;
     let trainable = if cfg.lora.enabled {
         Trainable::Lora {
@@ -391,60 +392,107 @@ pub fn run_until(
         let mut x0s = vec![];
         let mut conds = vec![];
         let bar = stage_bar(per_epoch, &format!("epoch {epoch} rollout"), "images");
-        for b in 0..s.num_batches_per_epoch {
-            let range = b * s.batch_size..(b + 1) * s.batch_size;
-            let ps: Vec<&str> = prompts[range.clone()].iter().map(|p| p.as_str()).collect();
-            let cond = pipe.encode(&ps)?;
-            let noise = randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev)?;
-            let uncond = empty.repeat(ps.len())?;
-            let roll = || {
-                sample(
-                    &pipe.transformer,
-                    s.sampler,
-                    &sched,
-                    &noise,
-                    &cond,
-                    Some(&uncond),
-                    s.guidance_scale,
-                    Weights::PolicyNoGrad,
-                )
-            };
-            let x0 = if grpo {
-                // Flow-GRPO: on-policy SDE rollouts, the trajectory and its log-probabilities kept.
-                let z = (0..sched.num_steps())
-                    .map(|_| randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev))
-                    .collect::<Result<Vec<_>>>()?;
-                let tr = crate::flow_grpo::sde_rollout(
-                    &pipe.transformer,
-                    &sched,
-                    &noise,
-                    &z,
-                    &cond,
-                    Some(&uncond),
-                    s.guidance_scale,
-                    t.noise_level,
-                    Weights::PolicyNoGrad,
-                )?;
-                let x0 = tr.latents[sched.num_steps()].clone();
-                trajs.push(tr);
-                x0
-            } else if use_ref_weights {
-                ema_ref.with(&vars, roll)?
-            } else {
-                roll()?
-            };
-            x0s.push(x0);
-            conds.push(cond);
-            bar.inc(s.batch_size as u64);
-        }
+        // Each rollout batch is scored on a second thread while the next one is sampled (a remote
+        // reward's latency hides behind the rollouts).
+        let scored_batches = std::thread::scope(|sc| -> Result<_> {
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<crate::shapes::Image>)>();
+            let (prompts, metas, rewards) = (&prompts, &metas, &rewards);
+            let scorer = sc.spawn(move || {
+                let mut outs = vec![];
+                let mut busy = 0f64;
+                for (start, imgs) in rx {
+                    let t = Instant::now();
+                    let end = start + imgs.len();
+                    let failed = outs.last().is_some_and(|o: &Result<_>| o.is_err());
+                    if !failed {
+                        outs.push(rewards.score_parts(
+                            &imgs,
+                            &prompts[start..end],
+                            &metas[start..end],
+                        ));
+                    }
+                    busy += t.elapsed().as_secs_f64();
+                }
+                (outs, busy)
+            });
+            for b in 0..s.num_batches_per_epoch {
+                let range = b * s.batch_size..(b + 1) * s.batch_size;
+                let ps: Vec<&str> = prompts[range.clone()].iter().map(|p| p.as_str()).collect();
+                let cond = pipe.encode(&ps)?;
+                let noise = randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev)?;
+                let uncond = empty.repeat(ps.len())?;
+                let roll = || {
+                    sample(
+                        &pipe.transformer,
+                        s.sampler,
+                        &sched,
+                        &noise,
+                        &cond,
+                        Some(&uncond),
+                        s.guidance_scale,
+                        Weights::PolicyNoGrad,
+                    )
+                };
+                let x0 = if grpo {
+                    // Flow-GRPO: on-policy SDE rollouts, the trajectory and its log-probabilities kept.
+                    let z = (0..sched.num_steps())
+                        .map(|_| randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev))
+                        .collect::<Result<Vec<_>>>()?;
+                    let tr = crate::flow_grpo::sde_rollout(
+                        &pipe.transformer,
+                        &sched,
+                        &noise,
+                        &z,
+                        &cond,
+                        Some(&uncond),
+                        s.guidance_scale,
+                        t.noise_level,
+                        Weights::PolicyNoGrad,
+                    )?;
+                    let x0 = tr.latents[sched.num_steps()].clone();
+                    trajs.push(tr);
+                    x0
+                } else if use_ref_weights {
+                    ema_ref.with(&vars, roll)?
+                } else {
+                    roll()?
+                };
+                // A closed channel means the scorer is gone; its result says why.
+                let _ = tx.send((range.start, tensor_to_images(&x0)?));
+                x0s.push(x0);
+                conds.push(cond);
+                bar.inc(s.batch_size as u64);
+            }
+            drop(tx);
+            scorer
+                .join()
+                .map_err(|_| anyhow::anyhow!("the reward thread panicked"))
+        })?;
         bar.finish_and_clear();
         let x0_all = Tensor::cat(&x0s, 0)?;
         let cond_all = Conditioning::cat(&conds.iter().collect::<Vec<_>>())?;
         let roll_s = t_roll.elapsed().as_secs_f64();
         // ---- rewards ----
         let t_rew = Instant::now();
-        let images = tensor_to_images(&x0_all)?;
-        let (reward, named, parts) = rewards.score_parts(&images, &prompts, &metas)?;
+        let (scored, reward_busy_s) = scored_batches;
+        let scored = scored
+            .into_iter()
+            .collect::<Result<Vec<_>>>()
+            .and_then(crate::reward::concat_scored);
+        let (reward, named, parts) = match scored {
+            Ok(x) => x,
+            Err(e) => {
+                // Nothing of this epoch is lost but its rollouts: keep the state before it.
+                save(epoch, &opt, &ema_ref, &ema, wall)?;
+                return Err(e.context(format!(
+                    "epoch {epoch}: the rewards failed; a checkpoint of the state before this epoch is \
+                     in {}; fix the reward (a server's address can be changed in the config) and \
+                     continue with `dgpo train --config <config> --out {} --resume`",
+                    out.join("checkpoints").display(),
+                    out.display()
+                )));
+            }
+        };
         let adv = match t.advantages {
             AdvantageMode::Sum => advantages(&reward, g, t.global_std, t.adv_clip_max as f32)?,
             AdvantageMode::Decoupled => crate::dgpo_loss::decoupled_advantages(
@@ -618,7 +666,7 @@ pub fn run_until(
             "zero_std_ratio": adv.zero_std_groups as f64 / n_groups as f64,
             "adv_abs_mean": mean(&adv.values.iter().map(|a| a.abs()).collect::<Vec<_>>()),
             "timesteps": js.iter().map(|&j| sched.timesteps[j]).collect::<Vec<_>>(),
-            "rollout_s": roll_s, "reward_s": rew_s, "update_s": upd_s,
+            "rollout_s": roll_s, "reward_s": rew_s, "reward_busy_s": reward_busy_s, "update_s": upd_s,
             "rollout_weights": if use_ref_weights { "ema_ref" } else { "policy" },
         });
         for (k, v) in &named {

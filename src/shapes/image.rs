@@ -55,6 +55,36 @@ impl Image {
         Ok(out)
     }
 
+    /// Decode an 8-bit RGB or RGBA PNG (alpha dropped); anything else is an error naming its format.
+    pub fn from_png_bytes(bytes: &[u8]) -> Result<Self> {
+        let dec = png::Decoder::new(std::io::Cursor::new(bytes));
+        let mut reader = dec.read_info()?;
+        let mut buf = vec![0u8; reader.output_buffer_size()];
+        let info = reader.next_frame(&mut buf)?;
+        ensure!(
+            info.bit_depth == png::BitDepth::Eight
+                && matches!(info.color_type, png::ColorType::Rgb | png::ColorType::Rgba),
+            "PNG is {:?} {:?}: expected 8-bit RGB or RGBA",
+            info.color_type,
+            info.bit_depth
+        );
+        let (w, h) = (info.width as usize, info.height as usize);
+        let ch = if info.color_type == png::ColorType::Rgba {
+            4
+        } else {
+            3
+        };
+        let data = buf[..w * h * ch]
+            .chunks(ch)
+            .flat_map(|p| [p[0], p[1], p[2]])
+            .collect();
+        Ok(Self {
+            width: w,
+            height: h,
+            data,
+        })
+    }
+
     /// Write as PNG, atomically: a temporary file next to `path`, then a rename. Creates the parent
     /// folder if needed.
     pub fn to_png(&self, path: &Path) -> Result<()> {
