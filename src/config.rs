@@ -770,22 +770,64 @@ fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     if parts.iter().any(|p| p.is_empty()) {
         bail!("--set {assignment:?}: {key:?} is not a key path like train.beta_dpo");
     }
-    let mut cur = table;
-    for part in &parts[..parts.len() - 1] {
-        let entry = cur
-            .entry(part.to_string())
-            .or_insert_with(|| toml::Value::Table(toml::Table::new()));
-        cur = entry
-            .as_table_mut()
-            .with_context(|| format!("--set {assignment:?}: {part} is not a table"))?;
+    let mut root = toml::Value::Table(std::mem::take(table));
+    let r = set_path(&mut root, &parts, value, assignment);
+    if let toml::Value::Table(t) = root {
+        *table = t;
     }
-    cur.insert(parts[parts.len() - 1].to_string(), value);
-    Ok(())
+    r
+}
+
+/// Set `parts` under `v`, creating tables on the way; a number indexes an array (`reward.0.url`).
+fn set_path(
+    v: &mut toml::Value,
+    parts: &[&str],
+    value: toml::Value,
+    assignment: &str,
+) -> Result<()> {
+    let (head, rest) = (parts[0], &parts[1..]);
+    let child = match v {
+        toml::Value::Table(t) => {
+            if rest.is_empty() {
+                t.insert(head.to_string(), value);
+                return Ok(());
+            }
+            t.entry(head.to_string())
+                .or_insert_with(|| toml::Value::Table(toml::Table::new()))
+        }
+        toml::Value::Array(a) => {
+            let len = a.len();
+            let i: usize = head.parse().with_context(|| {
+                format!("--set {assignment:?}: {head:?} indexes a list of {len}: expected a number")
+            })?;
+            let slot = a.get_mut(i).with_context(|| {
+                format!("--set {assignment:?}: index {i}, but the list has {len} entries")
+            })?;
+            if rest.is_empty() {
+                *slot = value;
+                return Ok(());
+            }
+            slot
+        }
+        _ => bail!("--set {assignment:?}: {head} is not inside a table"),
+    };
+    set_path(child, rest, value, assignment)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn overrides_reach_into_lists_of_tables() {
+        let text = "[[reward]]\nkind = \"remote\"\nurl = \"http://a:1\"\n";
+        let c = Config::from_toml(text, "t", &["reward.0.url=http://b:2".into()]).unwrap();
+        assert_eq!(c.reward[0].url.as_deref(), Some("http://b:2"));
+        let e = Config::from_toml(text, "t", &["reward.3.url=x".into()]).unwrap_err();
+        assert!(e.to_string().contains("index 3, but the list has 1"), "{e}");
+        let e = Config::from_toml(text, "t", &["reward.x.url=x".into()]).unwrap_err();
+        assert!(e.to_string().contains("expected a number"), "{e}");
+    }
 
     #[test]
     fn empty_file_gives_the_documented_defaults() {

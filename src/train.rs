@@ -464,17 +464,19 @@ pub fn run_until(
                 bar.inc(s.batch_size as u64);
             }
             drop(tx);
-            scorer
+            let t_wait = Instant::now();
+            let (outs, busy) = scorer
                 .join()
-                .map_err(|_| anyhow::anyhow!("the reward thread panicked"))
+                .map_err(|_| anyhow::anyhow!("the reward thread panicked"))?;
+            Ok((outs, busy, t_wait.elapsed().as_secs_f64()))
         })?;
         bar.finish_and_clear();
         let x0_all = Tensor::cat(&x0s, 0)?;
         let cond_all = Conditioning::cat(&conds.iter().collect::<Vec<_>>())?;
-        let roll_s = t_roll.elapsed().as_secs_f64();
-        // ---- rewards ----
+        let (scored, reward_busy_s, reward_wait_s) = scored_batches;
+        let roll_s = t_roll.elapsed().as_secs_f64() - reward_wait_s;
+        // ---- rewards (what is left after the rollouts) ----
         let t_rew = Instant::now();
-        let (scored, reward_busy_s) = scored_batches;
         let scored = scored
             .into_iter()
             .collect::<Result<Vec<_>>>()
@@ -502,7 +504,7 @@ pub fn run_until(
                 t.adv_clip_max as f32,
             )?,
         };
-        let rew_s = t_rew.elapsed().as_secs_f64();
+        let rew_s = reward_wait_s + t_rew.elapsed().as_secs_f64();
         // ---- update ----
         let t_upd = Instant::now();
         let mut trng = rng(cfg.run.seed, epoch, 3);

@@ -390,3 +390,83 @@ fn training_with_a_remote_reward_survives_a_dead_server_and_matches_in_process()
     assert_eq!(ta.len(), 3);
     assert_eq!(ta, tb);
 }
+
+/// `python3 scripts/reward_server.py --backend stub` on a free port, killed on drop.
+struct PyServer {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for PyServer {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn python_server() -> PyServer {
+    let script = common::tiny::root().join("scripts/reward_server.py");
+    let mut child = std::process::Command::new("python3")
+        .arg(&script)
+        .args(["--backend", "stub", "--port", "0"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .expect("python3 is needed for the reference reward server's test (.ci/run installs it)");
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap())
+        .read_line(&mut line)
+        .unwrap();
+    let url = line
+        .trim()
+        .rsplit(' ')
+        .next()
+        .filter(|u| u.starts_with("http://"))
+        .unwrap_or_else(|| panic!("reward_server.py printed {line:?}"))
+        .to_string();
+    PyServer { child, url }
+}
+
+#[test]
+fn the_python_reference_server_speaks_both_protocols_and_its_scoring_rules_hold() {
+    let st = std::process::Command::new("python3")
+        .arg(common::tiny::root().join("scripts/reward_server.py"))
+        .arg("--self-test")
+        .output()
+        .expect("python3");
+    assert!(
+        st.status.success(),
+        "{}",
+        String::from_utf8_lossy(&st.stderr)
+    );
+    let server = python_server();
+    let (im, p, m) = scenes();
+    // JSON: the stub's reward is (file size mod 1000) / 1000 of the PNG it received.
+    let mut r = remote(&server.url, 0);
+    r.check().unwrap();
+    r.batch_size = 4;
+    let out = r.score(&im, &p, &m).unwrap();
+    let want: Vec<f32> = im
+        .iter()
+        .map(|i| ((i.png_bytes().unwrap().len() % 1000) as f64 / 1000.0) as f32)
+        .collect();
+    assert_eq!(out.scores, want);
+    let chars: Vec<f32> = p.iter().map(|s| s.len() as f32).collect();
+    assert_eq!(out.sub["prompt_chars"], chars);
+    // Flow-GRPO pickle: the same of the JPEG it received, through Python's pickle both ways.
+    r.protocol = dgpo::reward_remote::Protocol::FlowGrpoPickle;
+    r.check().unwrap();
+    let out = r.score(&im, &p, &m).unwrap();
+    let want: Vec<f32> = im
+        .iter()
+        .map(|i| ((dgpo::reward::jpeg_bytes(i, 75).unwrap().len() % 1000) as f64 / 1000.0) as f32)
+        .collect();
+    assert_eq!(out.scores, want);
+    assert_eq!(out.sub["strict_accuracy"], vec![0.0; im.len()]);
+    // A bad request is a 400 that the client reports with the server's words.
+    r.protocol = dgpo::reward_remote::Protocol::Json;
+    let e = format!("{:#}", r.score(&im[..1], &p[..2], &m[..1]).unwrap_err());
+    assert!(
+        e.contains("HTTP 400") && e.contains("1 images, 2 prompts"),
+        "{e}"
+    );
+}
