@@ -333,6 +333,16 @@ pub struct RewardConfig {
     /// Remote rewards: requests in flight at once.
     #[serde(default = "default_concurrency")]
     pub max_concurrency: usize,
+    /// CLIP-family rewards: the CLIP model (a local folder or a Hugging Face repo id; default per kind).
+    #[serde(default)]
+    pub model: Option<String>,
+    /// CLIP-family rewards: where the tokenizer and `preprocessor_config.json` come from (default per
+    /// kind: the model itself, or the CLIP-H processor for pickscore).
+    #[serde(default)]
+    pub processor: Option<String>,
+    /// `aesthetic`: the LAION head (`sac+logos+ava1-l14-linearMSE.pth` or a .safetensors of it).
+    #[serde(default)]
+    pub head: Option<String>,
 }
 
 impl Default for RewardConfig {
@@ -347,6 +357,9 @@ impl Default for RewardConfig {
             protocol: default_protocol(),
             batch_size: 0,
             max_concurrency: default_concurrency(),
+            model: None,
+            processor: None,
+            head: None,
         }
     }
 }

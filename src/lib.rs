@@ -1,6 +1,7 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
 pub mod checkpoint;
+pub mod clip;
 pub mod config;
 pub mod dgpo_loss;
 pub mod eval;
@@ -15,6 +16,7 @@ pub mod pipeline;
 pub mod plan;
 pub mod pretrain;
 pub mod reward;
+pub mod reward_clip;
 pub mod reward_remote;
 pub mod reward_serve;
 pub mod sample;

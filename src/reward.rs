@@ -118,10 +118,13 @@ impl Reward for JpegSize {
 }
 
 /// Names accepted in `[[reward]] kind = …` today.
-pub const KNOWN: [&str; 4] = [
+pub const KNOWN: [&str; 7] = [
     "shapes_geneval",
     "jpeg_compressibility",
     "jpeg_incompressibility",
+    "clip_score",
+    "pickscore",
+    "aesthetic",
     "remote",
 ];
 
@@ -178,14 +181,20 @@ impl Rewards {
                 "jpeg_incompressibility" => Box::new(JpegSize {
                     compressible: false,
                 }),
+                k if crate::reward_clip::ClipKind::parse(k).is_some() => Box::new(
+                    crate::reward_clip::ClipReward::from_config(
+                        crate::reward_clip::ClipKind::parse(k).expect("checked"),
+                        r,
+                        &candle_core::Device::Cpu,
+                    )
+                    .with_context(|| format!("reward[{i}] ({k})"))?,
+                ),
                 "remote" => Box::new(
                     crate::reward_remote::RemoteReward::from_config(r)
                         .with_context(|| format!("reward[{i}]"))?,
                 ),
                 other => bail!(
-                    "reward[{i}].kind = {other:?} is not available (known: {}; the CLIP-family \
-                     rewards clip_score, pickscore and aesthetic are not built yet: serve them with \
-                     scripts/reward_server.py and kind = \"remote\")",
+                    "reward[{i}].kind = {other:?} is not available (known: {})",
                     KNOWN.join(", ")
                 ),
             };

@@ -1,0 +1,703 @@
+//! CLIP for the CLIP-family rewards (`clip_score`, `pickscore`, `aesthetic`): the transformers
+//! `CLIPModel` (text and vision towers, projections, `logit_scale`) in Candle, its tokenizer
+//! (`tokenizer.json`), and `CLIPImageProcessor`'s preprocessing — shortest edge resized with PIL's
+//! bicubic filter in PIL's 8-bit fixed-point arithmetic, centre crop, rescale, normalise — so that the
+//! pixels match the reference processors'.
+//!
+//! Candle's own `clip` module knows only `quick_gelu` (OpenAI's CLIPs); CLIP-H (PickScore) uses
+//! `gelu`, hence this implementation. Weights come from `model.safetensors` or `pytorch_model.bin` in
+//! a local folder or a Hugging Face repo (the local cache under `HF_HOME`; downloaded when missing
+//! unless `HF_HUB_OFFLINE=1`).
+
+use anyhow::{bail, ensure, Context, Result};
+use candle_core::{DType, Device, Module, Tensor, D};
+use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilder};
+use serde::Deserialize;
+use std::path::{Path, PathBuf};
+
+use crate::shapes::Image;
+
+/// A file of a model given as a local folder or a Hugging Face repo id.
+pub fn resolve_file(model: &str, file: &str) -> Result<Option<PathBuf>> {
+    let local = Path::new(model);
+    if local.is_dir() {
+        let p = local.join(file);
+        return Ok(p.exists().then_some(p));
+    }
+    if local.exists() || model.starts_with('.') || model.starts_with('/') {
+        bail!("{model}: expected a model folder or a Hugging Face repo id like openai/clip-vit-large-patch14");
+    }
+    if let Some(p) = hf_hub::Cache::from_env().model(model.to_string()).get(file) {
+        return Ok(Some(p));
+    }
+    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+        return Ok(None);
+    }
+    let api = hf_hub::api::sync::ApiBuilder::from_env()
+        .with_progress(true)
+        .build()
+        .with_context(|| format!("{model}: setting up the Hugging Face hub client"))?;
+    match api.model(model.to_string()).get(file) {
+        Ok(p) => Ok(Some(p)),
+        Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
+            Ok(None)
+        }
+        Err(e) => bail!(
+            "{model}/{file}: not in the Hugging Face cache and the download failed ({e}); for a gated \
+             or private repo set HF_TOKEN, or pass a local folder"
+        ),
+    }
+}
+
+fn need_file(model: &str, file: &str) -> Result<PathBuf> {
+    resolve_file(model, file)?.with_context(|| {
+        format!("{model}: no {file} (a CLIP folder as transformers saves it has config.json, model.safetensors, tokenizer.json and preprocessor_config.json)")
+    })
+}
+
+/// A variable builder over `model.safetensors` or else `pytorch_model.bin`.
+pub fn weights(model: &str, dev: &Device) -> Result<VarBuilder<'static>> {
+    if let Some(p) = resolve_file(model, "model.safetensors")? {
+        // SAFETY: the file is memory-mapped read-only and not modified while mapped.
+        return unsafe { VarBuilder::from_mmaped_safetensors(&[&p], DType::F32, dev) }
+            .with_context(|| format!("reading {}", p.display()));
+    }
+    if let Some(p) = resolve_file(model, "pytorch_model.bin")? {
+        return VarBuilder::from_pth(&p, DType::F32, dev)
+            .with_context(|| format!("reading {}", p.display()));
+    }
+    bail!("{model}: neither model.safetensors nor pytorch_model.bin")
+}
+
+fn default_eps() -> f64 {
+    1e-5
+}
+
+fn default_channels() -> usize {
+    3
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct TextConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub max_position_embeddings: usize,
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+pub struct VisionConfig {
+    pub hidden_size: usize,
+    pub intermediate_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub image_size: usize,
+    pub patch_size: usize,
+    pub hidden_act: String,
+    #[serde(default = "default_eps")]
+    pub layer_norm_eps: f64,
+    #[serde(default = "default_channels")]
+    pub num_channels: usize,
+}
+
+/// transformers' `CLIPConfig` (`config.json`), the fields used here.
+#[derive(Debug, Clone, Deserialize)]
+pub struct ClipConfig {
+    pub text_config: TextConfig,
+    pub vision_config: VisionConfig,
+    pub projection_dim: usize,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Act {
+    QuickGelu,
+    Gelu,
+    GeluTanh,
+}
+
+impl Act {
+    fn parse(s: &str) -> Result<Self> {
+        Ok(match s {
+            "quick_gelu" => Act::QuickGelu,
+            "gelu" => Act::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Act::GeluTanh,
+            _ => bail!("hidden_act = {s:?}: expected quick_gelu, gelu or gelu_new"),
+        })
+    }
+
+    fn apply(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        match self {
+            Act::QuickGelu => x * candle_nn::ops::sigmoid(&(x * 1.702)?)?,
+            Act::Gelu => x.gelu_erf(),
+            Act::GeluTanh => x.gelu(),
+        }
+    }
+}
+
+struct Layer {
+    ln1: LayerNorm,
+    ln2: LayerNorm,
+    q: Linear,
+    k: Linear,
+    v: Linear,
+    o: Linear,
+    fc1: Linear,
+    fc2: Linear,
+    heads: usize,
+    act: Act,
+}
+
+impl Layer {
+    fn new(
+        vb: VarBuilder,
+        width: usize,
+        inter: usize,
+        heads: usize,
+        eps: f64,
+        act: Act,
+    ) -> Result<Self> {
+        let a = vb.pp("self_attn");
+        Ok(Self {
+            ln1: layer_norm(width, eps, vb.pp("layer_norm1"))?,
+            ln2: layer_norm(width, eps, vb.pp("layer_norm2"))?,
+            q: linear(width, width, a.pp("q_proj"))?,
+            k: linear(width, width, a.pp("k_proj"))?,
+            v: linear(width, width, a.pp("v_proj"))?,
+            o: linear(width, width, a.pp("out_proj"))?,
+            fc1: linear(width, inter, vb.pp("mlp.fc1"))?,
+            fc2: linear(inter, width, vb.pp("mlp.fc2"))?,
+            heads,
+            act,
+        })
+    }
+
+    fn forward(&self, x: &Tensor, mask: Option<&Tensor>) -> Result<Tensor> {
+        let (b, n, w) = x.dims3()?;
+        let hd = w / self.heads;
+        let h = self.ln1.forward(x)?;
+        let split = |t: Tensor| -> candle_core::Result<Tensor> {
+            t.reshape((b, n, self.heads, hd))?
+                .transpose(1, 2)?
+                .contiguous()
+        };
+        let q = split((self.q.forward(&h)? * (hd as f64).powf(-0.5))?)?;
+        let k = split(self.k.forward(&h)?)?;
+        let v = split(self.v.forward(&h)?)?;
+        let mut att = q.matmul(&k.t()?)?;
+        if let Some(m) = mask {
+            att = att.broadcast_add(m)?;
+        }
+        let att = candle_nn::ops::softmax_last_dim(&att)?;
+        let o = att.matmul(&v)?.transpose(1, 2)?.reshape((b, n, w))?;
+        let x = (x + self.o.forward(&o)?)?;
+        let h = self.ln2.forward(&x)?;
+        let h = self.fc2.forward(&self.act.apply(&self.fc1.forward(&h)?)?)?;
+        Ok((x + h)?)
+    }
+}
+
+fn layers(
+    vb: VarBuilder,
+    n: usize,
+    width: usize,
+    inter: usize,
+    heads: usize,
+    eps: f64,
+    act: &str,
+) -> Result<Vec<Layer>> {
+    let act = Act::parse(act)?;
+    ensure!(
+        width.is_multiple_of(heads),
+        "hidden_size {width} is not a multiple of {heads} heads"
+    );
+    (0..n)
+        .map(|i| {
+            Layer::new(
+                vb.pp(format!("encoder.layers.{i}")),
+                width,
+                inter,
+                heads,
+                eps,
+                act,
+            )
+        })
+        .collect()
+}
+
+/// transformers' `CLIPModel`.
+pub struct Clip {
+    pub config: ClipConfig,
+    tok_emb: candle_nn::Embedding,
+    txt_pos: Tensor,
+    txt_layers: Vec<Layer>,
+    txt_ln: LayerNorm,
+    txt_proj: Linear,
+    patch: candle_nn::Conv2d,
+    cls: Tensor,
+    img_pos: Tensor,
+    pre_ln: LayerNorm,
+    img_layers: Vec<Layer>,
+    post_ln: LayerNorm,
+    img_proj: Linear,
+    /// `exp(logit_scale)`.
+    pub logit_scale: f32,
+}
+
+impl Clip {
+    /// From a folder or repo id with `config.json` and weights.
+    pub fn load(model: &str, dev: &Device) -> Result<Self> {
+        let cfg_path = need_file(model, "config.json")?;
+        let config: ClipConfig = serde_json::from_str(
+            &std::fs::read_to_string(&cfg_path)
+                .with_context(|| format!("reading {}", cfg_path.display()))?,
+        )
+        .with_context(|| format!("{}: not a CLIPModel config", cfg_path.display()))?;
+        let vb = weights(model, dev)?;
+        Self::new(config, vb).with_context(|| format!("{model}: loading the CLIP weights"))
+    }
+
+    pub fn new(config: ClipConfig, vb: VarBuilder) -> Result<Self> {
+        let (t, v) = (&config.text_config, &config.vision_config);
+        let tv = vb.pp("text_model");
+        let vv = vb.pp("vision_model");
+        let num_patches = (v.image_size / v.patch_size).pow(2);
+        let logit_scale = vb.get((), "logit_scale")?.to_scalar::<f32>()?.exp();
+        Ok(Self {
+            tok_emb: candle_nn::embedding(
+                t.vocab_size,
+                t.hidden_size,
+                tv.pp("embeddings.token_embedding"),
+            )?,
+            txt_pos: tv.get(
+                (t.max_position_embeddings, t.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
+            txt_layers: layers(
+                tv.clone(),
+                t.num_hidden_layers,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_attention_heads,
+                t.layer_norm_eps,
+                &t.hidden_act,
+            )?,
+            txt_ln: layer_norm(t.hidden_size, t.layer_norm_eps, tv.pp("final_layer_norm"))?,
+            txt_proj: linear_no_bias(
+                t.hidden_size,
+                config.projection_dim,
+                vb.pp("text_projection"),
+            )?,
+            patch: candle_nn::conv2d_no_bias(
+                v.num_channels,
+                v.hidden_size,
+                v.patch_size,
+                candle_nn::Conv2dConfig {
+                    stride: v.patch_size,
+                    ..Default::default()
+                },
+                vv.pp("embeddings.patch_embedding"),
+            )?,
+            cls: vv.get(v.hidden_size, "embeddings.class_embedding")?,
+            img_pos: vv.get(
+                (num_patches + 1, v.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
+            pre_ln: layer_norm(v.hidden_size, v.layer_norm_eps, vv.pp("pre_layrnorm"))?,
+            img_layers: layers(
+                vv.clone(),
+                v.num_hidden_layers,
+                v.hidden_size,
+                v.intermediate_size,
+                v.num_attention_heads,
+                v.layer_norm_eps,
+                &v.hidden_act,
+            )?,
+            post_ln: layer_norm(v.hidden_size, v.layer_norm_eps, vv.pp("post_layernorm"))?,
+            img_proj: linear_no_bias(
+                v.hidden_size,
+                config.projection_dim,
+                vb.pp("visual_projection"),
+            )?,
+            logit_scale,
+            config,
+        })
+    }
+
+    /// Projected text embeddings `[n, projection_dim]` of token id rows (each with its BOS/EOS).
+    /// The pooled token is the first EOS (`eos_token_id`, or the largest id for configs that say 2,
+    /// as transformers does); rows are padded with their last token, which the causal mask hides.
+    pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let dev = self.txt_pos.device();
+        let t = &self.config.text_config;
+        let len = ids.iter().map(|r| r.len()).max().unwrap_or(0);
+        ensure!(
+            len >= 1 && len <= t.max_position_embeddings,
+            "token rows of length {len}: expected 1..={}",
+            t.max_position_embeddings
+        );
+        let mut flat = Vec::with_capacity(ids.len() * len);
+        let mut pooled_at = vec![];
+        for r in ids {
+            let eos = match t.eos_token_id {
+                Some(e) if e != 2 => r.iter().position(|&x| x == e),
+                _ => None,
+            };
+            let max = r.iter().copied().max().unwrap_or(0);
+            pooled_at.push(eos.unwrap_or_else(|| r.iter().position(|&x| x == max).unwrap_or(0)));
+            flat.extend(r);
+            flat.extend(std::iter::repeat_n(*r.last().unwrap_or(&0), len - r.len()));
+        }
+        let ids_t = Tensor::from_vec(flat, (ids.len(), len), dev)?;
+        let mut x = self
+            .tok_emb
+            .forward(&ids_t)?
+            .broadcast_add(&self.txt_pos.narrow(0, 0, len)?)?;
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, len, len), dev)?;
+        for l in &self.txt_layers {
+            x = l.forward(&x, Some(&mask))?;
+        }
+        let x = self.txt_ln.forward(&x)?;
+        let rows = pooled_at
+            .iter()
+            .enumerate()
+            .map(|(b, &p)| x.get(b)?.get(p))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        Ok(self.txt_proj.forward(&Tensor::stack(&rows, 0)?)?)
+    }
+
+    /// Projected image embeddings `[n, projection_dim]` of preprocessed pixels `[n, 3, S, S]`.
+    pub fn image_features(&self, pixels: &Tensor) -> Result<Tensor> {
+        let (b, _, _, _) = pixels.dims4()?;
+        let p = self
+            .patch
+            .forward(pixels)?
+            .flatten_from(2)?
+            .transpose(1, 2)?;
+        let w = self.config.vision_config.hidden_size;
+        let cls = self.cls.reshape((1, 1, w))?.repeat((b, 1, 1))?;
+        let x = Tensor::cat(&[cls, p], 1)?.broadcast_add(&self.img_pos)?;
+        let mut x = self.pre_ln.forward(&x)?;
+        for l in &self.img_layers {
+            x = l.forward(&x, None)?;
+        }
+        let pooled = self.post_ln.forward(&x.narrow(1, 0, 1)?.squeeze(1)?)?;
+        Ok(self.img_proj.forward(&pooled)?)
+    }
+}
+
+/// Rows divided by their L2 norm.
+pub fn l2_normalize(x: &Tensor) -> Result<Tensor> {
+    Ok(x.broadcast_div(&x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?)?)
+}
+
+// ---------------------------------------------------------------------------------------------------
+// Preprocessing
+
+/// An int or `{"shortest_edge": n}` / `{"height": h, "width": w}`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(untagged)]
+enum Size {
+    Int(usize),
+    Map {
+        shortest_edge: Option<usize>,
+        height: Option<usize>,
+        width: Option<usize>,
+    },
+}
+
+#[derive(Debug, Clone, Deserialize)]
+struct ProcessorFile {
+    #[serde(default)]
+    size: Option<Size>,
+    #[serde(default)]
+    crop_size: Option<Size>,
+    #[serde(default = "yes")]
+    do_resize: bool,
+    #[serde(default = "yes")]
+    do_center_crop: bool,
+    #[serde(default = "yes")]
+    do_rescale: bool,
+    #[serde(default = "yes")]
+    do_normalize: bool,
+    #[serde(default = "default_rescale")]
+    rescale_factor: f64,
+    image_mean: [f32; 3],
+    image_std: [f32; 3],
+    #[serde(default = "bicubic")]
+    resample: u32,
+    #[serde(default)]
+    do_convert_rgb: Option<bool>,
+}
+
+fn yes() -> bool {
+    true
+}
+fn default_rescale() -> f64 {
+    1.0 / 255.0
+}
+fn bicubic() -> u32 {
+    3
+}
+
+/// `CLIPImageProcessor` as configured by a `preprocessor_config.json`.
+#[derive(Debug, Clone)]
+pub struct ClipProcessor {
+    shortest_edge: Option<usize>,
+    crop: Option<(usize, usize)>,
+    rescale: Option<f64>,
+    mean_std: Option<([f32; 3], [f32; 3])>,
+}
+
+impl ClipProcessor {
+    pub fn load(model: &str) -> Result<Self> {
+        let p = need_file(model, "preprocessor_config.json")?;
+        let text =
+            std::fs::read_to_string(&p).with_context(|| format!("reading {}", p.display()))?;
+        Self::from_json(&text).with_context(|| format!("{}", p.display()))
+    }
+
+    pub fn from_json(text: &str) -> Result<Self> {
+        let f: ProcessorFile =
+            serde_json::from_str(text).context("not a CLIPImageProcessor config")?;
+        ensure!(
+            f.resample == 3,
+            "resample = {}: only bicubic (3), which CLIP processors use, is implemented",
+            f.resample
+        );
+        let _ = f.do_convert_rgb;
+        let shortest_edge = match (f.do_resize, &f.size) {
+            (false, _) => None,
+            (true, Some(Size::Int(n))) => Some(*n),
+            (
+                true,
+                Some(Size::Map {
+                    shortest_edge: Some(n),
+                    ..
+                }),
+            ) => Some(*n),
+            (true, s) => bail!("size = {s:?}: expected an int or {{\"shortest_edge\": n}}"),
+        };
+        let crop = match (f.do_center_crop, &f.crop_size) {
+            (false, _) => None,
+            (true, Some(Size::Int(n))) => Some((*n, *n)),
+            (
+                true,
+                Some(Size::Map {
+                    height: Some(h),
+                    width: Some(w),
+                    ..
+                }),
+            ) => Some((*h, *w)),
+            (true, s) => bail!("crop_size = {s:?}: expected an int or {{\"height\", \"width\"}}"),
+        };
+        Ok(Self {
+            shortest_edge,
+            crop,
+            rescale: f.do_rescale.then_some(f.rescale_factor),
+            mean_std: f.do_normalize.then_some((f.image_mean, f.image_std)),
+        })
+    }
+
+    /// The resized and cropped 8-bit image, before rescaling.
+    pub fn resize_crop(&self, im: &Image) -> Result<Image> {
+        let mut im = im.clone();
+        if let Some(s) = self.shortest_edge {
+            let (w, h) = (im.width, im.height);
+            let (short, long) = (w.min(h), w.max(h));
+            let new_long = s * long / short;
+            let (nw, nh) = if w <= h { (s, new_long) } else { (new_long, s) };
+            im = resize_bicubic(&im, nw, nh);
+        }
+        if let Some((ch, cw)) = self.crop {
+            ensure!(
+                im.width >= cw && im.height >= ch,
+                "a {}x{} image is smaller than the {cw}x{ch} crop",
+                im.width,
+                im.height
+            );
+            let top = (im.height - ch) / 2;
+            let left = (im.width - cw) / 2;
+            let mut data = Vec::with_capacity(cw * ch * 3);
+            for y in top..top + ch {
+                let row = (y * im.width + left) * 3;
+                data.extend_from_slice(&im.data[row..row + cw * 3]);
+            }
+            im = Image {
+                width: cw,
+                height: ch,
+                data,
+            };
+        }
+        Ok(im)
+    }
+
+    /// `pixel_values` `[n, 3, H, W]` of a batch (all images must come out the same size).
+    pub fn pixels(&self, images: &[Image], dev: &Device) -> Result<Tensor> {
+        let mut out = vec![];
+        let mut hw = None;
+        for im in images {
+            let im = self.resize_crop(im)?;
+            ensure!(
+                hw.is_none_or(|x| x == (im.height, im.width)),
+                "images of different sizes after preprocessing"
+            );
+            hw = Some((im.height, im.width));
+            let n = im.width * im.height;
+            let mut chw = vec![0f32; 3 * n];
+            for (i, px) in im.data.chunks(3).enumerate() {
+                for c in 0..3 {
+                    let mut v = px[c] as f64;
+                    if let Some(r) = self.rescale {
+                        v *= r;
+                    }
+                    let mut v = v as f32;
+                    if let Some((m, s)) = &self.mean_std {
+                        v = (v - m[c]) / s[c];
+                    }
+                    chw[c * n + i] = v;
+                }
+            }
+            out.extend(chw);
+        }
+        let (h, w) = hw.context("no images")?;
+        Ok(Tensor::from_vec(out, (images.len(), 3, h, w), dev)?)
+    }
+}
+
+// PIL's resampling (Pillow `libImaging/Resample.c`): separable, bicubic a = -0.5 widened by the
+// downscale factor, coefficients in 22-bit fixed point, each pass rounded and clipped to 8 bits.
+const PRECISION_BITS: u32 = 32 - 8 - 2;
+
+fn bicubic_filter(x: f64) -> f64 {
+    let a = -0.5;
+    let x = x.abs();
+    if x < 1.0 {
+        ((a + 2.0) * x - (a + 3.0)) * x * x + 1.0
+    } else if x < 2.0 {
+        (((x - 5.0) * x + 8.0) * x - 4.0) * a
+    } else {
+        0.0
+    }
+}
+
+/// Per output pixel: first input index and fixed-point weights.
+fn coeffs(in_size: usize, out_size: usize) -> Vec<(usize, Vec<i32>)> {
+    let scale = in_size as f64 / out_size as f64;
+    let filterscale = scale.max(1.0);
+    let support = 2.0 * filterscale;
+    (0..out_size)
+        .map(|xx| {
+            let center = (xx as f64 + 0.5) * scale;
+            let ss = 1.0 / filterscale;
+            let xmin = ((center - support + 0.5) as i64).max(0) as usize;
+            let xmax = ((center + support + 0.5) as i64).min(in_size as i64) as usize;
+            let mut k: Vec<f64> = (xmin..xmax)
+                .map(|x| bicubic_filter((x as f64 - center + 0.5) * ss))
+                .collect();
+            let ww: f64 = k.iter().sum();
+            if ww != 0.0 {
+                for v in k.iter_mut() {
+                    *v /= ww;
+                }
+            }
+            let fixed = k
+                .iter()
+                .map(|&v| {
+                    let s = v * (1u32 << PRECISION_BITS) as f64;
+                    if v < 0.0 {
+                        (-0.5 + s) as i32
+                    } else {
+                        (0.5 + s) as i32
+                    }
+                })
+                .collect();
+            (xmin, fixed)
+        })
+        .collect()
+}
+
+fn clip8(ss: i64) -> u8 {
+    (ss >> PRECISION_BITS).clamp(0, 255) as u8
+}
+
+/// PIL's `Image.resize((w, h), Image.BICUBIC)` of an RGB image.
+pub fn resize_bicubic(im: &Image, w: usize, h: usize) -> Image {
+    let mut cur = im.clone();
+    if w != cur.width {
+        let cs = coeffs(cur.width, w);
+        let mut data = vec![0u8; w * cur.height * 3];
+        for y in 0..cur.height {
+            for (x, (xmin, k)) in cs.iter().enumerate() {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (j, &kk) in k.iter().enumerate() {
+                        ss += cur.data[(y * cur.width + xmin + j) * 3 + c] as i64 * kk as i64;
+                    }
+                    data[(y * w + x) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        cur = Image {
+            width: w,
+            height: cur.height,
+            data,
+        };
+    }
+    if h != cur.height {
+        let cs = coeffs(cur.height, h);
+        let mut data = vec![0u8; cur.width * h * 3];
+        for (y, (ymin, k)) in cs.iter().enumerate() {
+            for x in 0..cur.width {
+                for c in 0..3 {
+                    let mut ss: i64 = 1 << (PRECISION_BITS - 1);
+                    for (j, &kk) in k.iter().enumerate() {
+                        ss += cur.data[((ymin + j) * cur.width + x) * 3 + c] as i64 * kk as i64;
+                    }
+                    data[(y * cur.width + x) * 3 + c] = clip8(ss);
+                }
+            }
+        }
+        cur = Image {
+            width: cur.width,
+            height: h,
+            data,
+        };
+    }
+    cur
+}
+
+/// A CLIP tokenizer (`tokenizer.json`), truncating to `max_len` tokens with BOS/EOS kept.
+pub fn load_tokenizer(model: &str, max_len: usize) -> Result<tokenizers::Tokenizer> {
+    let p = need_file(model, "tokenizer.json")?;
+    let mut tok = tokenizers::Tokenizer::from_file(&p)
+        .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    tok.with_truncation(Some(tokenizers::TruncationParams {
+        max_length: max_len,
+        ..Default::default()
+    }))
+    .map_err(|e| anyhow::anyhow!("{}: {e}", p.display()))?;
+    tok.with_padding(None);
+    Ok(tok)
+}
+
+/// Token id rows of `prompts`, with the tokenizer's special tokens.
+pub fn tokenize(tok: &tokenizers::Tokenizer, prompts: &[String]) -> Result<Vec<Vec<u32>>> {
+    prompts
+        .iter()
+        .map(|p| {
+            tok.encode(p.as_str(), true)
+                .map(|e| e.get_ids().to_vec())
+                .map_err(|e| anyhow::anyhow!("tokenizing {p:?}: {e}"))
+        })
+        .collect()
+}
