@@ -256,8 +256,8 @@ fn run(cli: Cli) -> Result<()> {
             })
             .transpose()?;
             let plan = Plan::new(&config, transformer);
-            // The reward modules are built (not contacted) so that a bad [[reward]] shows here too.
-            dgpo::reward::Rewards::from_config(&config.reward)?;
+            // The [[reward]] tables are checked (no model loaded, no server contacted).
+            dgpo::reward::Rewards::validate(&config.reward)?;
             if dry_run {
                 println!(
                     "# resolved config ({})\n{}",

@@ -169,7 +169,37 @@ pub struct Rewards {
 }
 
 impl Rewards {
+    /// Checks `[[reward]]` tables without loading models or contacting servers (for `--dry-run`).
+    pub fn validate(cfg: &[RewardConfig]) -> Result<()> {
+        if cfg.is_empty() {
+            bail!("no [[reward]] in the config: add e.g. [[reward]] kind = \"shapes_geneval\"");
+        }
+        for (i, r) in cfg.iter().enumerate() {
+            let kind = r.kind.as_str();
+            if !KNOWN.contains(&kind) {
+                bail!(
+                    "reward[{i}].kind = {kind:?} is not available (known: {})",
+                    KNOWN.join(", ")
+                );
+            }
+            if kind == "remote" {
+                crate::reward_remote::RemoteReward::from_config(r)
+                    .with_context(|| format!("reward[{i}]"))?;
+            }
+            if kind == "aesthetic" && r.head.is_none() {
+                bail!("reward[{i}] (aesthetic) needs head = \"path/to/sac+logos+ava1-l14-linearMSE.pth\"");
+            }
+        }
+        Ok(())
+    }
+
+    /// The modules of `[[reward]]` tables, models on the CPU.
     pub fn from_config(cfg: &[RewardConfig]) -> Result<Self> {
+        Self::from_config_on(cfg, &candle_core::Device::Cpu)
+    }
+
+    /// As [`Rewards::from_config`], reward models (CLIP) on `dev`.
+    pub fn from_config_on(cfg: &[RewardConfig], dev: &candle_core::Device) -> Result<Self> {
         if cfg.is_empty() {
             bail!("no [[reward]] in the config: add e.g. [[reward]] kind = \"shapes_geneval\"");
         }
@@ -185,7 +215,7 @@ impl Rewards {
                     crate::reward_clip::ClipReward::from_config(
                         crate::reward_clip::ClipKind::parse(k).expect("checked"),
                         r,
-                        &candle_core::Device::Cpu,
+                        dev,
                     )
                     .with_context(|| format!("reward[{i}] ({k})"))?,
                 ),

@@ -204,12 +204,23 @@ impl Reward for ClipReward {
             }
             ClipKind::ClipScore | ClipKind::PickScore => {
                 let tok = self.tokenizer.as_ref().context("no tokenizer")?;
-                let ids = tokenize(tok, prompts)?;
+                // A group repeats its prompt: encode each distinct prompt once.
+                let mut uniq: Vec<String> = vec![];
+                let mut at = Vec::with_capacity(prompts.len());
+                for p in prompts {
+                    let k = uniq.iter().position(|u| u == p).unwrap_or_else(|| {
+                        uniq.push(p.clone());
+                        uniq.len() - 1
+                    });
+                    at.push(k as u32);
+                }
+                let ids = tokenize(tok, &uniq)?;
                 let txt = ids
                     .chunks(self.batch)
                     .map(|c| self.clip.text_features(c))
                     .collect::<Result<Vec<_>>>()?;
-                let txt = l2_normalize(&Tensor::cat(&txt, 0)?)?;
+                let txt = Tensor::cat(&txt, 0)?.index_select(&Tensor::new(at, &self.dev)?, 0)?;
+                let txt = l2_normalize(&txt)?;
                 let cos = (img * txt)?.sum(1)?;
                 let div = if self.kind == ClipKind::PickScore {
                     26.0

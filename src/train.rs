@@ -141,7 +141,7 @@ pub fn run_until(
         .context("prompts.test is not set")?;
     let train_metas = read_metadata(train_path)?;
     let test_metas = read_metadata(test_path)?;
-    let rewards = Rewards::from_config(&cfg.reward)?;
+    let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
     rewards.check()?;
     let settings = EvalSettings::from_config(cfg)?;
     let trainable = if cfg.lora.enabled {
