@@ -272,10 +272,18 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     } else {
         source = "--prompt".into();
     }
-    let rewards = Rewards::from_config(&cfg.reward).ok();
-    if let Some(r) = &rewards {
-        r.check()?;
-    }
+    // Images are written even when the config's rewards cannot be built (say, a CLIP model that is
+    // not downloaded); the scores are then left out, with the reason.
+    let rewards = match Rewards::from_config_on(&cfg.reward, dev) {
+        Ok(r) => {
+            r.check()?;
+            Some(r)
+        }
+        Err(e) => {
+            tracing::warn!("no reward scores: {e:#}");
+            None
+        }
+    };
     let all_meta = prompts.iter().all(|p| p.meta.is_some());
     // ---- models (all loaded and checked before any sampling) ----
     let sources: Vec<Option<&Path>> = if a.checkpoints.is_empty() {

@@ -111,7 +111,14 @@ fn missing_config_file_and_bad_device_are_clear() {
 
 #[test]
 fn help_shows_an_example_per_command() {
-    for cmd in ["train", "sample", "export", "pretrain", "eval", "reward-server"] {
+    for cmd in [
+        "train",
+        "sample",
+        "export",
+        "pretrain",
+        "eval",
+        "reward-server",
+    ] {
         let (code, out, _) = dgpo(&[cmd, "--help"]);
         assert_eq!(code, 0);
         let first = match cmd {
