@@ -231,14 +231,130 @@ fn layers(
         .collect()
 }
 
+/// transformers' `CLIPTextTransformer` with its projection (`text_projection`): the text tower of
+/// `CLIPModel` and `CLIPTextModelWithProjection`.
+pub struct ClipText {
+    pub config: TextConfig,
+    tok_emb: candle_nn::Embedding,
+    pos: Tensor,
+    layers: Vec<Layer>,
+    final_ln: LayerNorm,
+    proj: Linear,
+}
+
+/// What the text tower returns for rows of token ids.
+pub struct TextOutput {
+    /// The embeddings' output and every layer's (`hidden_states` of transformers), `[n, len, width]`.
+    pub hidden_states: Vec<Tensor>,
+    /// The projected pooled embedding `[n, projection_dim]` (`text_embeds`).
+    pub text_embeds: Tensor,
+}
+
+impl ClipText {
+    /// `vb` at the model root (holding `text_model.*` and `text_projection`).
+    pub fn new(config: TextConfig, projection_dim: usize, vb: VarBuilder) -> Result<Self> {
+        let t = &config;
+        let tv = vb.pp("text_model");
+        Ok(Self {
+            tok_emb: candle_nn::embedding(
+                t.vocab_size,
+                t.hidden_size,
+                tv.pp("embeddings.token_embedding"),
+            )?,
+            pos: tv.get(
+                (t.max_position_embeddings, t.hidden_size),
+                "embeddings.position_embedding.weight",
+            )?,
+            layers: layers(
+                tv.clone(),
+                t.num_hidden_layers,
+                t.hidden_size,
+                t.intermediate_size,
+                t.num_attention_heads,
+                t.layer_norm_eps,
+                &t.hidden_act,
+            )?,
+            final_ln: layer_norm(t.hidden_size, t.layer_norm_eps, tv.pp("final_layer_norm"))?,
+            proj: linear_no_bias(t.hidden_size, projection_dim, vb.pp("text_projection"))?,
+            config,
+        })
+    }
+
+    /// The pooled position of a row: the first EOS (`eos_token_id`), or the first occurrence of the
+    /// largest id for configs that say 2 (transformers' legacy rule).
+    fn pooled_at(&self, row: &[u32]) -> usize {
+        let eos = match self.config.eos_token_id {
+            Some(e) if e != 2 => row.iter().position(|&x| x == e),
+            _ => None,
+        };
+        let max = row.iter().copied().max().unwrap_or(0);
+        eos.unwrap_or_else(|| row.iter().position(|&x| x == max).unwrap_or(0))
+    }
+
+    /// Rows of equal length, causal attention over every position (no padding mask, as SD3's
+    /// pipeline calls the encoders).
+    pub fn forward(&self, ids: &[Vec<u32>]) -> Result<TextOutput> {
+        let dev = self.pos.device();
+        let len = ids.first().map(|r| r.len()).unwrap_or(0);
+        ensure!(
+            len >= 1 && len <= self.config.max_position_embeddings,
+            "token rows of length {len}: expected 1..={}",
+            self.config.max_position_embeddings
+        );
+        ensure!(
+            ids.iter().all(|r| r.len() == len),
+            "token rows of different lengths"
+        );
+        let flat: Vec<u32> = ids.iter().flatten().copied().collect();
+        let ids_t = Tensor::from_vec(flat, (ids.len(), len), dev)?;
+        let mut x = self
+            .tok_emb
+            .forward(&ids_t)?
+            .broadcast_add(&self.pos.narrow(0, 0, len)?)?;
+        let mask: Vec<f32> = (0..len)
+            .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
+            .collect();
+        let mask = Tensor::from_vec(mask, (1, 1, len, len), dev)?;
+        let mut hidden_states = vec![x.clone()];
+        for l in &self.layers {
+            x = l.forward(&x, Some(&mask))?;
+            hidden_states.push(x.clone());
+        }
+        let x = self.final_ln.forward(&x)?;
+        let rows = ids
+            .iter()
+            .enumerate()
+            .map(|(b, r)| x.get(b)?.get(self.pooled_at(r)))
+            .collect::<candle_core::Result<Vec<_>>>()?;
+        let text_embeds = self.proj.forward(&Tensor::stack(&rows, 0)?)?;
+        Ok(TextOutput {
+            hidden_states,
+            text_embeds,
+        })
+    }
+
+    /// Projected text embeddings of rows of any lengths (each with its BOS/EOS): rows are padded with
+    /// their last token (EOS), which the causal mask hides from the pooled one; the pooled position
+    /// stays the first EOS.
+    pub fn features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
+        let len = ids.iter().map(|r| r.len()).max().unwrap_or(0);
+        let rows: Vec<Vec<u32>> = ids
+            .iter()
+            .map(|r| {
+                let mut r = r.clone();
+                let last = *r.last().unwrap_or(&0);
+                r.resize(len, last);
+                r
+            })
+            .collect();
+        Ok(self.forward(&rows)?.text_embeds)
+    }
+}
+
 /// transformers' `CLIPModel`.
 pub struct Clip {
     pub config: ClipConfig,
-    tok_emb: candle_nn::Embedding,
-    txt_pos: Tensor,
-    txt_layers: Vec<Layer>,
-    txt_ln: LayerNorm,
-    txt_proj: Linear,
+    text: ClipText,
     patch: candle_nn::Conv2d,
     cls: Tensor,
     img_pos: Tensor,
@@ -265,35 +381,11 @@ impl Clip {
 
     pub fn new(config: ClipConfig, vb: VarBuilder) -> Result<Self> {
         let (t, v) = (&config.text_config, &config.vision_config);
-        let tv = vb.pp("text_model");
         let vv = vb.pp("vision_model");
         let num_patches = (v.image_size / v.patch_size).pow(2);
         let logit_scale = vb.get((), "logit_scale")?.to_scalar::<f32>()?.exp();
         Ok(Self {
-            tok_emb: candle_nn::embedding(
-                t.vocab_size,
-                t.hidden_size,
-                tv.pp("embeddings.token_embedding"),
-            )?,
-            txt_pos: tv.get(
-                (t.max_position_embeddings, t.hidden_size),
-                "embeddings.position_embedding.weight",
-            )?,
-            txt_layers: layers(
-                tv.clone(),
-                t.num_hidden_layers,
-                t.hidden_size,
-                t.intermediate_size,
-                t.num_attention_heads,
-                t.layer_norm_eps,
-                &t.hidden_act,
-            )?,
-            txt_ln: layer_norm(t.hidden_size, t.layer_norm_eps, tv.pp("final_layer_norm"))?,
-            txt_proj: linear_no_bias(
-                t.hidden_size,
-                config.projection_dim,
-                vb.pp("text_projection"),
-            )?,
+            text: ClipText::new(t.clone(), config.projection_dim, vb.clone())?,
             patch: candle_nn::conv2d_no_bias(
                 v.num_channels,
                 v.hidden_size,
@@ -331,48 +423,8 @@ impl Clip {
     }
 
     /// Projected text embeddings `[n, projection_dim]` of token id rows (each with its BOS/EOS).
-    /// The pooled token is the first EOS (`eos_token_id`, or the largest id for configs that say 2,
-    /// as transformers does); rows are padded with their last token, which the causal mask hides.
     pub fn text_features(&self, ids: &[Vec<u32>]) -> Result<Tensor> {
-        let dev = self.txt_pos.device();
-        let t = &self.config.text_config;
-        let len = ids.iter().map(|r| r.len()).max().unwrap_or(0);
-        ensure!(
-            len >= 1 && len <= t.max_position_embeddings,
-            "token rows of length {len}: expected 1..={}",
-            t.max_position_embeddings
-        );
-        let mut flat = Vec::with_capacity(ids.len() * len);
-        let mut pooled_at = vec![];
-        for r in ids {
-            let eos = match t.eos_token_id {
-                Some(e) if e != 2 => r.iter().position(|&x| x == e),
-                _ => None,
-            };
-            let max = r.iter().copied().max().unwrap_or(0);
-            pooled_at.push(eos.unwrap_or_else(|| r.iter().position(|&x| x == max).unwrap_or(0)));
-            flat.extend(r);
-            flat.extend(std::iter::repeat_n(*r.last().unwrap_or(&0), len - r.len()));
-        }
-        let ids_t = Tensor::from_vec(flat, (ids.len(), len), dev)?;
-        let mut x = self
-            .tok_emb
-            .forward(&ids_t)?
-            .broadcast_add(&self.txt_pos.narrow(0, 0, len)?)?;
-        let mask: Vec<f32> = (0..len)
-            .flat_map(|i| (0..len).map(move |j| if j > i { f32::NEG_INFINITY } else { 0.0 }))
-            .collect();
-        let mask = Tensor::from_vec(mask, (1, 1, len, len), dev)?;
-        for l in &self.txt_layers {
-            x = l.forward(&x, Some(&mask))?;
-        }
-        let x = self.txt_ln.forward(&x)?;
-        let rows = pooled_at
-            .iter()
-            .enumerate()
-            .map(|(b, &p)| x.get(b)?.get(p))
-            .collect::<candle_core::Result<Vec<_>>>()?;
-        Ok(self.txt_proj.forward(&Tensor::stack(&rows, 0)?)?)
+        self.text.features(ids)
     }
 
     /// Projected image embeddings `[n, projection_dim]` of preprocessed pixels `[n, 3, S, S]`.

@@ -1,0 +1,86 @@
+//! SD3 text conditioning against diffusers' `StableDiffusion3Pipeline.encode_prompt` on a tiny random
+//! pipeline in the real folder layout (`scripts/make_sd3_pipeline_fixtures.py`): token ids of the three
+//! tokenizers (one built from vocab.json + merges.txt), prompt embeddings and pooled vectors, with and
+//! without T5, including prompts that every tokenizer truncates.
+
+mod common;
+
+use candle_core::{DType, Device, Tensor};
+use dgpo::sd3_text::Sd3TextEncoders;
+use std::collections::HashMap;
+use std::path::PathBuf;
+
+fn fx() -> PathBuf {
+    common::tiny::root().join("tests/fixtures/sd3_pipeline")
+}
+
+fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
+    assert_eq!(a.dims(), b.dims());
+    (a - b)
+        .unwrap()
+        .abs()
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .max(0)
+        .unwrap()
+        .to_scalar::<f32>()
+        .unwrap()
+}
+
+#[test]
+fn prompt_embeddings_match_diffusers() {
+    let dev = Device::Cpu;
+    let e: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let max_len = meta["max_sequence_length"].as_u64().unwrap() as usize;
+    let ids: HashMap<String, Vec<Vec<u32>>> =
+        serde_json::from_value(meta["input_ids"].clone()).unwrap();
+
+    let enc = Sd3TextEncoders::load(&fx(), max_len, true, DType::F32, &dev).unwrap();
+    assert_eq!(enc.clip_l.ids(&p).unwrap(), ids["tokenizer"], "CLIP-L ids");
+    assert_eq!(
+        enc.clip_g.ids(&p).unwrap(),
+        ids["tokenizer_2"],
+        "CLIP-G ids (vocab.json + merges.txt, pad \"!\")"
+    );
+    assert_eq!(
+        enc.t5.as_ref().unwrap().ids(&p).unwrap(),
+        ids["tokenizer_3"],
+        "T5 ids"
+    );
+
+    let (pe, pooled) = enc.encode(&p).unwrap();
+    let (npe, npooled) = enc.encode(&["", "", ""]).unwrap();
+    for (name, got, want) in [
+        ("prompt_embeds", &pe, "prompt_embeds"),
+        ("pooled", &pooled, "pooled"),
+        ("negative_prompt_embeds", &npe, "negative_prompt_embeds"),
+        ("negative_pooled", &npooled, "negative_pooled"),
+    ] {
+        let d = max_diff(got, &e[want]);
+        eprintln!("{name}: max abs diff {d:e}");
+        assert!(d < 1e-4, "{name}: {d:e}");
+    }
+
+    let no_t5 = Sd3TextEncoders::load(&fx(), max_len, false, DType::F32, &dev).unwrap();
+    let (pe0, pooled0) = no_t5.encode(&p).unwrap();
+    let d = max_diff(&pe0, &e["prompt_embeds_no_t5"]);
+    let dp = max_diff(&pooled0, &e["pooled_no_t5"]);
+    eprintln!("without T5: prompt_embeds {d:e}, pooled {dp:e}");
+    assert!(d < 1e-4 && dp < 1e-4, "{d:e} {dp:e}");
+}
+
+#[test]
+fn a_missing_component_is_named() {
+    let dir = common::tiny::tmp("sd3-missing");
+    let e = Sd3TextEncoders::load(&dir, 16, true, DType::F32, &Device::Cpu)
+        .err()
+        .unwrap();
+    assert!(format!("{e:#}").contains("no transformer/ folder"), "{e:#}");
+}
