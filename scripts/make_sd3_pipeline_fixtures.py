@@ -163,6 +163,15 @@ with torch.no_grad():
         prompt=PROMPTS, prompt_2=None, prompt_3=None, device="cpu", num_images_per_prompt=1,
         do_classifier_free_guidance=False, max_sequence_length=MAX_T5)
     expected.update(prompt_embeds_no_t5=pe0, pooled_no_t5=pp0)
+# The VAE: decode as the pipeline does (latents / scaling + shift, decode, (x / 2 + 0.5) clamped,
+# uint8 by rounding), and the encoder's mean (the latent distribution's mode) of those images.
+with torch.no_grad():
+    lat = torch.randn(2, 16, 8, 8, generator=torch.Generator().manual_seed(1))
+    dec = vae.decode(lat / vae.config.scaling_factor + vae.config.shift_factor, return_dict=False)[0]
+    img = (dec / 2 + 0.5).clamp(0, 1)
+    expected.update(vae_latents=lat, vae_decoded=dec, vae_image=img,
+                    vae_image_u8=(img * 255).round(),
+                    vae_encoded_mean=vae.encode(dec).latent_dist.mode())
 ids = {
     "tokenizer": tok1(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"],
     "tokenizer_2": tok2(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"],

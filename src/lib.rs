@@ -22,6 +22,7 @@ pub mod reward_serve;
 pub mod sample;
 pub mod sampling;
 pub mod sd3_text;
+pub mod sd3_vae;
 pub mod shapes;
 pub mod text;
 pub mod train;

@@ -24,16 +24,29 @@ use tokenizers::Tokenizer;
 /// CLIP's context length.
 pub const CLIP_LEN: usize = 77;
 
-fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
+pub(crate) fn read_json<T: serde::de::DeserializeOwned>(p: &Path) -> Result<T> {
     let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
     serde_json::from_str(&text).with_context(|| format!("parsing {}", p.display()))
 }
 
-/// Weights of a diffusers / transformers component folder: `model.safetensors`, its sharded index, or
+/// Weights of a transformers component folder: `model.safetensors`, its sharded index, or
 /// `pytorch_model.bin`.
 fn component_weights(dir: &Path, dtype: DType, dev: &Device) -> Result<VarBuilder<'static>> {
-    let st = dir.join("model.safetensors");
-    let index = dir.join("model.safetensors.index.json");
+    weights_named(dir, "model", "pytorch_model", dtype, dev)
+}
+
+/// Weights `<stem>.safetensors`, `<stem>.safetensors.index.json` (shards) or `<bin>.bin` in `dir`
+/// (diffusers names its files `diffusion_pytorch_model.*`).
+pub fn weights_named(
+    dir: &Path,
+    stem: &str,
+    bin: &str,
+    dtype: DType,
+    dev: &Device,
+) -> Result<VarBuilder<'static>> {
+    let st = dir.join(format!("{stem}.safetensors"));
+    let index = dir.join(format!("{stem}.safetensors.index.json"));
+    let binf = dir.join(format!("{bin}.bin"));
     let files: Vec<std::path::PathBuf> = if st.exists() {
         vec![st]
     } else if index.exists() {
@@ -46,12 +59,12 @@ fn component_weights(dir: &Path, dtype: DType, dev: &Device) -> Result<VarBuilde
         f.sort();
         f.dedup();
         f
-    } else if dir.join("pytorch_model.bin").exists() {
-        return VarBuilder::from_pth(dir.join("pytorch_model.bin"), dtype, dev)
-            .with_context(|| format!("reading {}", dir.join("pytorch_model.bin").display()));
+    } else if binf.exists() {
+        return VarBuilder::from_pth(&binf, dtype, dev)
+            .with_context(|| format!("reading {}", binf.display()));
     } else {
         bail!(
-            "{}: no model.safetensors, model.safetensors.index.json or pytorch_model.bin",
+            "{}: no {stem}.safetensors, {stem}.safetensors.index.json or {bin}.bin",
             dir.display()
         );
     };

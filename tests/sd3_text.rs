@@ -84,3 +84,35 @@ fn a_missing_component_is_named() {
         .unwrap();
     assert!(format!("{e:#}").contains("no transformer/ folder"), "{e:#}");
 }
+
+#[test]
+fn vae_decodes_as_diffusers_in_chunks() {
+    let dev = Device::Cpu;
+    let e: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
+    let mut vae = dgpo::sd3_vae::Sd3Vae::load(&fx().join("vae"), DType::F32, &dev).unwrap();
+    vae.chunk = 1; // two latents, two chunks
+    let dec = vae.decode(&e["vae_latents"]).unwrap();
+    let d = max_diff(&dec, &e["vae_decoded"]);
+    eprintln!("VAE decode: max abs diff {d:e}");
+    assert!(d < 1e-4, "{d:e}");
+    let imgs = vae.decode_images(&e["vae_latents"]).unwrap();
+    let want = e["vae_image_u8"]
+        .permute((0, 2, 3, 1))
+        .unwrap()
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let got: Vec<f32> = imgs
+        .iter()
+        .flat_map(|i| i.data.iter().map(|&p| p as f32))
+        .collect();
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("VAE images: max pixel diff {worst}");
+    assert!(worst <= 1.0, "{worst}");
+}

@@ -1,0 +1,132 @@
+//! The SD3 / SD3.5 VAE (diffusers `AutoencoderKL`, 16 latent channels) for rewards and sampling:
+//! `decode` undoes the latent scaling and shift from the VAE's own `config.json`
+//! (`latents / scaling_factor + shift_factor`), runs Candle's KL decoder in chunks of `chunk` latents
+//! to bound memory, and turns the result into 8-bit images as diffusers' image processor does
+//! (`(x / 2 + 0.5)` clamped to [0, 1], times 255, rounded).
+//!
+//! Not here yet: `encode` (Candle's KL encoder keeps the latent mean private; a test-only need).
+
+use crate::sd3_text::{read_json, weights_named};
+use crate::shapes::Image;
+use anyhow::{ensure, Context, Result};
+use candle_core::{DType, Device, Tensor};
+use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};
+use serde::Deserialize;
+use std::path::Path;
+
+fn yes() -> bool {
+    true
+}
+
+/// diffusers' `AutoencoderKL` `config.json`, the fields used.
+#[derive(Debug, Clone, Deserialize)]
+pub struct VaeConfig {
+    pub in_channels: usize,
+    pub out_channels: usize,
+    pub latent_channels: usize,
+    pub block_out_channels: Vec<usize>,
+    pub layers_per_block: usize,
+    pub norm_num_groups: usize,
+    #[serde(default = "yes")]
+    pub use_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub use_post_quant_conv: bool,
+    #[serde(default = "yes")]
+    pub mid_block_add_attention: bool,
+    pub scaling_factor: f64,
+    #[serde(default)]
+    pub shift_factor: Option<f64>,
+    #[serde(default)]
+    pub act_fn: Option<String>,
+}
+
+pub struct Sd3Vae {
+    vae: AutoEncoderKL,
+    pub config: VaeConfig,
+    /// Latents decoded at once.
+    pub chunk: usize,
+}
+
+impl Sd3Vae {
+    /// From a `vae/` folder (`config.json`, `diffusion_pytorch_model.safetensors`).
+    pub fn load(dir: &Path, dtype: DType, dev: &Device) -> Result<Self> {
+        let config: VaeConfig = read_json(&dir.join("config.json"))?;
+        ensure!(
+            config.mid_block_add_attention,
+            "{}: mid_block_add_attention = false is not supported",
+            dir.display()
+        );
+        ensure!(
+            config.act_fn.as_deref().is_none_or(|a| a == "silu"),
+            "{}: act_fn = {:?}: only silu is supported",
+            dir.display(),
+            config.act_fn
+        );
+        let vb = weights_named(
+            dir,
+            "diffusion_pytorch_model",
+            "diffusion_pytorch_model",
+            dtype,
+            dev,
+        )?;
+        let vae = AutoEncoderKL::new(
+            vb,
+            config.in_channels,
+            config.out_channels,
+            AutoEncoderKLConfig {
+                block_out_channels: config.block_out_channels.clone(),
+                layers_per_block: config.layers_per_block,
+                latent_channels: config.latent_channels,
+                norm_num_groups: config.norm_num_groups,
+                use_quant_conv: config.use_quant_conv,
+                use_post_quant_conv: config.use_post_quant_conv,
+            },
+        )
+        .with_context(|| format!("loading the VAE in {}", dir.display()))?;
+        Ok(Self {
+            vae,
+            config,
+            chunk: 4,
+        })
+    }
+
+    /// The decoder's output (about [-1, 1]) for denoised latents `[n, C, h, w]`.
+    pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
+        let n = latents.dim(0)?;
+        ensure!(
+            latents.dim(1)? == self.config.latent_channels,
+            "latents with {} channels for a VAE of {}",
+            latents.dim(1)?,
+            self.config.latent_channels
+        );
+        let z =
+            ((latents / self.config.scaling_factor)? + self.config.shift_factor.unwrap_or(0.0))?;
+        let mut out = vec![];
+        let mut i = 0;
+        while i < n {
+            let k = self.chunk.max(1).min(n - i);
+            out.push(self.vae.decode(&z.narrow(0, i, k)?)?);
+            i += k;
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// 8-bit RGB images of denoised latents.
+    pub fn decode_images(&self, latents: &Tensor) -> Result<Vec<Image>> {
+        let x = ((self.decode(latents)?.to_dtype(DType::F32)? / 2.0)? + 0.5)?.clamp(0f32, 1f32)?;
+        let x = (x * 255.0)?.round()?;
+        let (n, c, h, w) = x.dims4()?;
+        ensure!(c == 3, "the VAE decodes {c} channels, expected RGB");
+        let v = x.permute((0, 2, 3, 1))?.flatten_all()?.to_vec1::<f32>()?;
+        Ok((0..n)
+            .map(|i| Image {
+                width: w,
+                height: h,
+                data: v[i * h * w * 3..(i + 1) * h * w * 3]
+                    .iter()
+                    .map(|&p| p as u8)
+                    .collect(),
+            })
+            .collect())
+    }
+}
