@@ -1,5 +1,5 @@
 """A tiny random StableDiffusion3Pipeline in diffusers' real folder layout, and the prompt embeddings
-diffusers computes with it, for tests/sd3_text.rs. Run by hand (needs torch, diffusers, transformers):
+diffusers computes with it, for tests/sd3_pipeline.rs. Run by hand (needs torch, diffusers, transformers):
 
     /tmp/pt/bin/python scripts/make_sd3_pipeline_fixtures.py tests/fixtures/sd3_pipeline
 
@@ -172,6 +172,18 @@ with torch.no_grad():
     expected.update(vae_latents=lat, vae_decoded=dec, vae_image=img,
                     vae_image_u8=(img * 255).round(),
                     vae_encoded_mean=vae.encode(dec).latent_dist.mode())
+# End to end: the pipeline's own sampling (FlowMatchEulerDiscreteScheduler, shift 3, 4 steps, CFG 4.5)
+# from given initial noise, to 16x16 images, with T5 back on.
+pipe.text_encoder_3 = t5
+noise = torch.randn(3, 16, 8, 8, generator=torch.Generator().manual_seed(2))
+with torch.no_grad():
+    imgs = pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=4, guidance_scale=4.5,
+                max_sequence_length=MAX_T5, output_type="np").images
+    lat = pipe(prompt=PROMPTS, latents=noise.clone(), num_inference_steps=4, guidance_scale=4.5,
+               max_sequence_length=MAX_T5, output_type="latent").images
+    print("scheduler sigmas", pipe.scheduler.sigmas.tolist(), "timesteps", pipe.scheduler.timesteps.tolist())
+expected.update(sample_noise=noise, sample_images_u8=torch.from_numpy((imgs * 255).round()),
+                sample_latents=lat)
 ids = {
     "tokenizer": tok1(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"],
     "tokenizer_2": tok2(PROMPTS, padding="max_length", max_length=77, truncation=True)["input_ids"],

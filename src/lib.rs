@@ -21,6 +21,7 @@ pub mod reward_remote;
 pub mod reward_serve;
 pub mod sample;
 pub mod sampling;
+pub mod sd3_pipeline;
 pub mod sd3_text;
 pub mod sd3_vae;
 pub mod shapes;

@@ -1,7 +1,7 @@
 //! The SD3 / SD3.5 VAE (diffusers `AutoencoderKL`, 16 latent channels) for rewards and sampling:
 //! `decode` undoes the latent scaling and shift from the VAE's own `config.json`
 //! (`latents / scaling_factor + shift_factor`), runs Candle's KL decoder in chunks of `chunk` latents
-//! to bound memory, and turns the result into 8-bit images as diffusers' image processor does
+//! (one by default, see [`Sd3Vae::chunk`]), and turns the result into 8-bit images as diffusers' image processor does
 //! (`(x / 2 + 0.5)` clamped to [0, 1], times 255, rounded).
 //!
 //! Not here yet: `encode` (Candle's KL encoder keeps the latent mean private; a test-only need).
@@ -43,7 +43,8 @@ pub struct VaeConfig {
 pub struct Sd3Vae {
     vae: AutoEncoderKL,
     pub config: VaeConfig,
-    /// Latents decoded at once.
+    /// Latents decoded at once. 1 by default: Candle 0.11's KL decoder returns wrong values for every
+    /// latent but the first of a batch (found by `tests/sd3_pipeline.rs`: 0.4 off on the tiny pipeline).
     pub chunk: usize,
 }
 
@@ -86,7 +87,7 @@ impl Sd3Vae {
         Ok(Self {
             vae,
             config,
-            chunk: 4,
+            chunk: 1,
         })
     }
 
