@@ -170,6 +170,82 @@ fn html_escape(s: &str) -> String {
 }
 
 /// Sample `prompts` × `images_per_prompt` from `noise` (prompt-major) with one model.
+/// A model to sample from: a shapes pipeline (with whatever checkpoint was applied) or an SD3 / SD3.5
+/// diffusers pipeline.
+enum Model {
+    Shapes(LoadedModel),
+    Sd3 {
+        pipe: crate::sd3_pipeline::Sd3Pipeline,
+        path: PathBuf,
+    },
+}
+
+impl Model {
+    fn label(&self) -> String {
+        match self {
+            Model::Shapes(m) => label(m),
+            Model::Sd3 { path, .. } => format!("base ({})", path.display()),
+        }
+    }
+
+    fn path(&self) -> &Path {
+        match self {
+            Model::Shapes(m) => &m.path,
+            Model::Sd3 { path, .. } => path,
+        }
+    }
+
+    /// Shape of the initial noise.
+    fn noise_shape(&self) -> (usize, usize, usize) {
+        match self {
+            Model::Shapes(m) => m.pipe.image_shape(),
+            Model::Sd3 { pipe, .. } => pipe.latent_shape(),
+        }
+    }
+
+    fn check_prompt(&self, prompt: &str) -> Result<()> {
+        match self {
+            Model::Shapes(m) => m.pipe.tokenizer.encode(prompt).map(|_| ()),
+            // CLIP and T5 tokenizers take any text (truncating it).
+            Model::Sd3 { .. } => Ok(()),
+        }
+    }
+
+    fn sample_all(
+        &self,
+        prompts: &[PromptItem],
+        noise: &Tensor,
+        a: &SampleArgs,
+        bar: &indicatif::ProgressBar,
+    ) -> Result<Vec<Image>> {
+        match self {
+            Model::Shapes(m) => sample_all(m, prompts, noise, a, bar),
+            Model::Sd3 { pipe, .. } => {
+                let n = prompts.len() * a.images_per_prompt;
+                let mut images = Vec::with_capacity(n);
+                let mut start = 0;
+                while start < n {
+                    let len = a.batch_size.max(1).min(n - start);
+                    let texts: Vec<&str> = (start..start + len)
+                        .map(|k| prompts[k / a.images_per_prompt].prompt.as_str())
+                        .collect();
+                    images.extend(pipe.generate(
+                        &texts,
+                        &noise.narrow(0, start, len)?,
+                        a.sampler,
+                        a.steps,
+                        a.shift,
+                        a.guidance,
+                    )?);
+                    bar.inc(len as u64);
+                    start += len;
+                }
+                Ok(images)
+            }
+        }
+    }
+}
+
 fn sample_all(
     m: &LoadedModel,
     prompts: &[PromptItem],
@@ -292,24 +368,45 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         a.checkpoints.iter().map(|p| Some(p.as_path())).collect()
     };
     let mut models = Vec::with_capacity(sources.len());
+    let base = PathBuf::from(&cfg.model.pretrained);
     for s in &sources {
-        let m = load_model(cfg, *s, a.weights, dev)?;
+        let m = match s {
+            None if crate::sd3_pipeline::is_sd3_pipeline(&base) => Model::Sd3 {
+                pipe: crate::sd3_pipeline::Sd3Pipeline::load(
+                    &base,
+                    &crate::model::Trainable::None,
+                    cfg.model.max_sequence_length,
+                    true,
+                    if dev.is_cpu() {
+                        candle_core::DType::F32
+                    } else {
+                        cfg.model.dtype.candle()
+                    },
+                    dev,
+                )
+                .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?,
+                path: base.clone(),
+            },
+            Some(_) if crate::sd3_pipeline::is_sd3_pipeline(&base) => bail!(
+                "--checkpoint on an SD3 pipeline base is not supported yet: sample the base \
+                 pipeline (no --checkpoint), or a shapes-testbed run"
+            ),
+            _ => Model::Shapes(load_model(cfg, *s, a.weights, dev)?),
+        };
         for (i, p) in prompts.iter().enumerate() {
-            m.pipe
-                .tokenizer
-                .encode(&p.prompt)
+            m.check_prompt(&p.prompt)
                 .with_context(|| format!("prompt {} ({:?}) of {source}", i + 1, p.prompt))?;
         }
         models.push(m);
     }
-    let shape = models[0].pipe.image_shape();
-    if let Some(m) = models.iter().find(|m| m.pipe.image_shape() != shape) {
+    let shape = models[0].noise_shape();
+    if let Some(m) = models.iter().find(|m| m.noise_shape() != shape) {
         bail!(
             "{} samples images of shape {:?} but {} of {:?}: models compared side by side must share \
              their image size",
-            label(m),
-            m.pipe.image_shape(),
-            label(&models[0]),
+            m.label(),
+            m.noise_shape(),
+            models[0].label(),
             shape
         );
     }
@@ -354,7 +451,7 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     let mut warned = false;
     for (k, m) in models.iter().enumerate() {
         let start = std::time::Instant::now();
-        let images = sample_all(m, &prompts, &noise, a, &bar)?;
+        let images = m.sample_all(&prompts, &noise, a, &bar)?;
         for (j, img) in images.iter().enumerate() {
             img.to_png(&a.out.join(format!(
                 "images/{k}/p{:04}_i{:02}.png",
@@ -399,7 +496,7 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         for j in 0..n {
             let mut line = serde_json::json!({
                 "model": k,
-                "checkpoint": m.path.display().to_string(),
+                "checkpoint": m.path().display().to_string(),
                 "prompt_index": j / a.images_per_prompt,
                 "image_index": j % a.images_per_prompt,
                 "prompt": texts[j],
@@ -424,10 +521,10 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         tracing::info!(
             seconds = start.elapsed().as_secs_f64(),
             "sampled {n} images with {}",
-            label(m)
+            m.label()
         );
         summaries.push(ModelSummary {
-            model: label(m),
+            model: m.label(),
             images: n,
             reward_mean,
             geneval,

@@ -81,13 +81,15 @@ impl Sd3Pipeline {
     }
 
     /// Images for `prompts` from `noise` `[n, C, h, w]`: CFG `guidance` against the empty prompt
-    /// (none when `guidance <= 1`, as diffusers), `steps` of `sampler` on the shifted grid.
+    /// (none when `guidance <= 1`, as diffusers), `steps` of `sampler` on the grid shifted by `shift`
+    /// (the pipeline's own is [`Sd3Pipeline::shift`]).
     pub fn generate(
         &self,
         prompts: &[&str],
         noise: &Tensor,
         sampler: Sampler,
         steps: usize,
+        shift: f64,
         guidance: f64,
     ) -> Result<Vec<Image>> {
         ensure!(
@@ -103,7 +105,7 @@ impl Sd3Pipeline {
         } else {
             None
         };
-        let sched = schedule(sampler, steps, self.shift);
+        let sched = schedule(sampler, steps, shift);
         let x0 = sample(
             &self.transformer,
             sampler,

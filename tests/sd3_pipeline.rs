@@ -139,7 +139,14 @@ fn the_whole_pipeline_makes_the_images_diffusers_makes() {
     )
     .unwrap();
     let imgs = pipe
-        .generate(&p, &e["sample_noise"], dgpo::config::Sampler::Euler, 4, 4.5)
+        .generate(
+            &p,
+            &e["sample_noise"],
+            dgpo::config::Sampler::Euler,
+            4,
+            pipe.shift,
+            4.5,
+        )
         .unwrap();
     let want = e["sample_images_u8"]
         .flatten_all()
@@ -162,4 +169,61 @@ fn the_whole_pipeline_makes_the_images_diffusers_makes() {
         got.len()
     );
     assert!(worst <= 2.0, "{worst}");
+}
+
+#[test]
+fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
+    let dev = Device::Cpu;
+    let e: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let dir = common::tiny::tmp("sd3-sample");
+    let noise = dir.join("noise.safetensors");
+    candle_core::safetensors::save(
+        &HashMap::from([("noise".to_string(), e["sample_noise"].clone())]),
+        &noise,
+    )
+    .unwrap();
+    let cfg = dgpo::config::Config::from_toml(
+        &format!(
+            "[model]\npretrained = \"{}\"\nresolution = 16\nmax_sequence_length = 16\n",
+            fx().display()
+        ),
+        "sd3-sample",
+        &[],
+    )
+    .unwrap();
+    let out = dir.join("out");
+    let mut a = dgpo::sample::SampleArgs::from_config(&cfg, out.clone());
+    a.prompts = prompts.clone();
+    a.images_per_prompt = 1;
+    a.noise = Some(noise);
+    a.steps = 4;
+    a.sampler = dgpo::config::Sampler::Euler;
+    a.shift = 3.0;
+    a.guidance = 4.5;
+    a.batch_size = 2; // batches of 2 and 1
+    dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    let want = e["sample_images_u8"]
+        .flatten_all()
+        .unwrap()
+        .to_vec1::<f32>()
+        .unwrap();
+    let mut got = vec![];
+    for k in 0..prompts.len() {
+        let png = std::fs::read(out.join(format!("images/0/p{k:04}_i00.png"))).unwrap();
+        got.extend(dgpo::shapes::Image::from_png_bytes(&png).unwrap().data);
+    }
+    assert_eq!(got.len(), want.len());
+    let worst = got
+        .iter()
+        .zip(&want)
+        .map(|(a, b)| (*a as f32 - b).abs())
+        .fold(0f32, f32::max);
+    eprintln!("dgpo sample --noise: max pixel diff {worst}/255");
+    assert!(worst <= 2.0, "{worst}");
+    assert!(out.join("grid.png").exists() && out.join("summary.json").exists());
 }
