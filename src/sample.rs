@@ -175,7 +175,7 @@ fn html_escape(s: &str) -> String {
 enum Model {
     Shapes(LoadedModel),
     Sd3 {
-        pipe: crate::sd3_pipeline::Sd3Pipeline,
+        pipe: Box<crate::sd3_pipeline::Sd3Pipeline>,
         path: PathBuf,
     },
 }
@@ -372,19 +372,21 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     for s in &sources {
         let m = match s {
             None if crate::sd3_pipeline::is_sd3_pipeline(&base) => Model::Sd3 {
-                pipe: crate::sd3_pipeline::Sd3Pipeline::load(
-                    &base,
-                    &crate::model::Trainable::None,
-                    cfg.model.max_sequence_length,
-                    true,
-                    if dev.is_cpu() {
-                        candle_core::DType::F32
-                    } else {
-                        cfg.model.dtype.candle()
-                    },
-                    dev,
-                )
-                .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?,
+                pipe: Box::new(
+                    crate::sd3_pipeline::Sd3Pipeline::load(
+                        &base,
+                        &crate::model::Trainable::None,
+                        cfg.model.max_sequence_length,
+                        true,
+                        if dev.is_cpu() {
+                            candle_core::DType::F32
+                        } else {
+                            cfg.model.dtype.candle()
+                        },
+                        dev,
+                    )
+                    .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?,
+                ),
                 path: base.clone(),
             },
             Some(_) if crate::sd3_pipeline::is_sd3_pipeline(&base) => bail!(
