@@ -173,7 +173,7 @@ fn html_escape(s: &str) -> String {
 /// A model to sample from: a shapes pipeline (with whatever checkpoint was applied) or an SD3 / SD3.5
 /// diffusers pipeline.
 enum Model {
-    Shapes(LoadedModel),
+    Shapes(Box<LoadedModel>),
     Sd3 {
         pipe: Box<crate::sd3_pipeline::Sd3Pipeline>,
         path: PathBuf,
@@ -393,7 +393,7 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
                 "--checkpoint on an SD3 pipeline base is not supported yet: sample the base \
                  pipeline (no --checkpoint), or a shapes-testbed run"
             ),
-            _ => Model::Shapes(load_model(cfg, *s, a.weights, dev)?),
+            _ => Model::Shapes(Box::new(load_model(cfg, *s, a.weights, dev)?)),
         };
         for (i, p) in prompts.iter().enumerate() {
             m.check_prompt(&p.prompt)
