@@ -30,21 +30,15 @@ pub fn resolve_file(model: &str, file: &str) -> Result<Option<PathBuf>> {
     if let Some(p) = hf_hub::Cache::from_env().model(model.to_string()).get(file) {
         return Ok(Some(p));
     }
-    if std::env::var("HF_HUB_OFFLINE").is_ok_and(|v| v == "1") {
+    if crate::hub::offline() {
         return Ok(None);
     }
-    let api = hf_hub::api::sync::ApiBuilder::from_env()
-        .with_progress(true)
-        .build()
-        .with_context(|| format!("{model}: setting up the Hugging Face hub client"))?;
-    match api.model(model.to_string()).get(file) {
+    match crate::hub::api()?.model(model.to_string()).get(file) {
         Ok(p) => Ok(Some(p)),
-        Err(hf_hub::api::sync::ApiError::RequestError(e)) if e.to_string().contains("404") => {
-            Ok(None)
-        }
+        Err(e) if e.to_string().contains("404") => Ok(None),
         Err(e) => bail!(
-            "{model}/{file}: not in the Hugging Face cache and the download failed ({e}); for a gated \
-             or private repo set HF_TOKEN, or pass a local folder"
+            "{} (it is not in the Hugging Face cache either)",
+            crate::hub::explain(model, file, &e)
         ),
     }
 }

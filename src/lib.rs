@@ -8,6 +8,7 @@ pub mod eval;
 pub mod export;
 pub mod flow_grpo;
 pub mod geneval;
+pub mod hub;
 pub mod io;
 pub mod model;
 pub mod optim;

@@ -368,7 +368,13 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         a.checkpoints.iter().map(|p| Some(p.as_path())).collect()
     };
     let mut models = Vec::with_capacity(sources.len());
-    let base = PathBuf::from(&cfg.model.pretrained);
+    // A hub id (e.g. stabilityai/stable-diffusion-3.5-medium) is resolved through the cache.
+    let base = if crate::hub::is_repo_id(&cfg.model.pretrained) {
+        crate::hub::pipeline_dir(&cfg.model.pretrained, true)
+            .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?
+    } else {
+        PathBuf::from(&cfg.model.pretrained)
+    };
     for s in &sources {
         let m = match s {
             None if crate::sd3_pipeline::is_sd3_pipeline(&base) => Model::Sd3 {

@@ -227,3 +227,53 @@ fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
     assert!(worst <= 2.0, "{worst}");
     assert!(out.join("grid.png").exists() && out.join("summary.json").exists());
 }
+
+fn copy_dir(from: &std::path::Path, to: &std::path::Path) {
+    std::fs::create_dir_all(to).unwrap();
+    for e in std::fs::read_dir(from).unwrap() {
+        let e = e.unwrap();
+        let t = to.join(e.file_name());
+        if e.path().is_dir() {
+            copy_dir(&e.path(), &t);
+        } else {
+            std::fs::copy(e.path(), t).unwrap();
+        }
+    }
+}
+
+#[test]
+fn a_repo_id_resolves_through_the_hugging_face_cache_offline() {
+    // A cache in the hub's layout: hub/models--org--name/{refs/main, snapshots/<rev>/...}.
+    let home = common::tiny::tmp("hf-home");
+    let repo = home.join("hub/models--dgpo-test--tiny-sd3");
+    copy_dir(&fx(), &repo.join("snapshots/0123abc"));
+    std::fs::create_dir_all(repo.join("refs")).unwrap();
+    std::fs::write(repo.join("refs/main"), "0123abc").unwrap();
+    // SAFETY: no other test of this binary reads these variables.
+    unsafe {
+        std::env::set_var("HF_HOME", &home);
+        std::env::set_var("HF_HUB_OFFLINE", "1");
+    }
+    let dir = dgpo::hub::pipeline_dir("dgpo-test/tiny-sd3", true).unwrap();
+    assert_eq!(dir, repo.join("snapshots/0123abc"));
+    assert!(dgpo::hub::missing_pipeline_files(&dir, true).is_empty());
+    // An incomplete snapshot and an absent repo say what to do.
+    std::fs::remove_file(dir.join("vae/diffusion_pytorch_model.safetensors")).unwrap();
+    let e = format!(
+        "{:#}",
+        dgpo::hub::pipeline_dir("dgpo-test/tiny-sd3", true).unwrap_err()
+    );
+    assert!(
+        e.contains("vae/diffusion_pytorch_model.safetensors")
+            && e.contains("huggingface-cli download"),
+        "{e}"
+    );
+    let e = format!(
+        "{:#}",
+        dgpo::hub::pipeline_dir("dgpo-test/absent", true).unwrap_err()
+    );
+    assert!(
+        e.contains("not in the Hugging Face cache") && e.contains("HF_HUB_OFFLINE"),
+        "{e}"
+    );
+}
