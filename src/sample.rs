@@ -348,13 +348,12 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     } else {
         source = "--prompt".into();
     }
-    // Images are written even when the config's rewards cannot be built (say, a CLIP model that is
-    // not downloaded); the scores are then left out, with the reason.
-    let rewards = match Rewards::from_config_on(&cfg.reward, dev) {
-        Ok(r) => {
-            r.check()?;
-            Some(r)
-        }
+    // Images are written even when the config's rewards cannot be built or reached (a CLIP model
+    // that is not downloaded, a reward server that is not running); the scores are then left out,
+    // with the reason.
+    let rewards = match Rewards::from_config_on(&cfg.reward, dev).and_then(|r| r.check().map(|_| r))
+    {
+        Ok(r) => Some(r),
         Err(e) => {
             tracing::warn!("no reward scores: {e:#}");
             None
