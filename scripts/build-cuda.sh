@@ -17,6 +17,10 @@ MODE=${1:-build}
 VENV=${DGPO_CUDA_VENV:-$HOME/.cache/dgpo/cuda-13.0}
 PKGS=(
   "nvidia-cuda-nvcc==13.0.88"
+  # nvcc's compiler back end and headers are separate wheels; unpinned, pip takes the newest (13.5),
+  # whose PTX (9.5) the 13.0 ptxas refuses
+  "nvidia-nvvm==13.0.88"
+  "nvidia-cuda-crt==13.0.88"
   "nvidia-cuda-runtime==13.0.96"
   "nvidia-cuda-cccl==13.0.85"
   "nvidia-cuda-nvrtc==13.0.88"
