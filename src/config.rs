@@ -87,6 +87,8 @@ pub struct ModelConfig {
     pub resolution: usize,
     /// T5 tokens appended after the 77 CLIP tokens (the authors use 128).
     pub max_sequence_length: usize,
+    /// SD3 pipelines: keep prompt embeddings in this folder (one file per prompt and encoder set).
+    pub embedding_cache: Option<PathBuf>,
 }
 
 impl Default for ModelConfig {
@@ -97,6 +99,7 @@ impl Default for ModelConfig {
             dtype: WeightDType::Bf16,
             resolution: 512,
             max_sequence_length: 128,
+            embedding_cache: None,
         }
     }
 }

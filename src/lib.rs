@@ -4,6 +4,7 @@ pub mod checkpoint;
 pub mod clip;
 pub mod config;
 pub mod dgpo_loss;
+pub mod embed_cache;
 pub mod eval;
 pub mod export;
 pub mod flow_grpo;

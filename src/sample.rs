@@ -390,7 +390,11 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
                         },
                         dev,
                     )
-                    .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?,
+                    .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
+                    .and_then(|p| match &cfg.model.embedding_cache {
+                        Some(dir) => p.with_cache(dir),
+                        None => Ok(p),
+                    })?,
                 ),
                 path: base.clone(),
             },

@@ -32,6 +32,13 @@ pub struct Sd3Pipeline {
     pub vae: Sd3Vae,
     /// The scheduler's `shift` (`scheduler/scheduler_config.json`).
     pub shift: f64,
+    /// Prompt embeddings on disk ([`Sd3Pipeline::with_cache`]).
+    pub cache: Option<crate::embed_cache::EmbeddingCache>,
+    dir: std::path::PathBuf,
+    max_sequence_length: usize,
+    with_t5: bool,
+    dtype: DType,
+    dev: Device,
 }
 
 impl Sd3Pipeline {
@@ -66,12 +73,61 @@ impl Sd3Pipeline {
             text,
             vae,
             shift,
+            cache: None,
+            dir: dir.to_path_buf(),
+            max_sequence_length,
+            with_t5,
+            dtype,
+            dev: dev.clone(),
         })
     }
 
+    /// Keep prompt embeddings under `root` (an entry per prompt, for these encoders and settings).
+    pub fn with_cache(mut self, root: &Path) -> Result<Self> {
+        let id = crate::embed_cache::sd3_identity(
+            &self.dir,
+            self.max_sequence_length,
+            self.with_t5,
+            self.dtype,
+        );
+        self.cache = Some(crate::embed_cache::EmbeddingCache::new(root, &id)?);
+        Ok(self)
+    }
+
+    /// Prompt embeddings: from the cache where present, the rest encoded (in one batch) and stored.
     pub fn encode(&self, prompts: &[&str]) -> Result<Conditioning> {
-        let (context, pooled) = self.text.encode(prompts)?;
-        Ok(Conditioning { context, pooled })
+        let Some(cache) = &self.cache else {
+            let (context, pooled) = self.text.encode(prompts)?;
+            return Ok(Conditioning { context, pooled });
+        };
+        let dev = self.dev.clone();
+        let mut rows: Vec<Option<(Tensor, Tensor)>> = prompts
+            .iter()
+            .map(|p| cache.get(p, &dev))
+            .collect::<Result<_>>()?;
+        let mut todo: Vec<&str> = vec![];
+        for (p, r) in prompts.iter().zip(&rows) {
+            if r.is_none() && !todo.contains(p) {
+                todo.push(p);
+            }
+        }
+        if !todo.is_empty() {
+            let (c, pl) = self.text.encode(&todo)?;
+            for (i, p) in todo.iter().enumerate() {
+                let (ci, pi) = (c.narrow(0, i, 1)?, pl.narrow(0, i, 1)?);
+                cache.put(p, &ci, &pi)?;
+                for (q, r) in prompts.iter().zip(rows.iter_mut()) {
+                    if q == p && r.is_none() {
+                        *r = Some((ci.clone(), pi.clone()));
+                    }
+                }
+            }
+        }
+        let (cs, ps): (Vec<Tensor>, Vec<Tensor>) = rows.into_iter().flatten().unzip();
+        Ok(Conditioning {
+            context: Tensor::cat(&cs, 0)?,
+            pooled: Tensor::cat(&ps, 0)?,
+        })
     }
 
     /// `(channels, height, width)` of the latents.

@@ -277,3 +277,85 @@ fn a_repo_id_resolves_through_the_hugging_face_cache_offline() {
         "{e}"
     );
 }
+
+#[test]
+fn prompt_embeddings_are_cached_on_disk_per_prompt() {
+    let dev = Device::Cpu;
+    let e: HashMap<String, Tensor> =
+        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
+    let meta: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
+            .unwrap();
+    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let root = common::tiny::tmp("embed-cache");
+    let pipe = dgpo::sd3_pipeline::Sd3Pipeline::load(
+        &fx(),
+        &dgpo::model::Trainable::None,
+        16,
+        true,
+        DType::F32,
+        &dev,
+    )
+    .unwrap()
+    .with_cache(&root)
+    .unwrap();
+    // A repeated prompt (as in a group) is encoded once; the first call fills the cache.
+    let first = pipe.encode(&[p[0], p[1], p[0], p[2]]).unwrap();
+    let entries = || {
+        std::fs::read_dir(root.read_dir().unwrap().next().unwrap().unwrap().path())
+            .unwrap()
+            .filter(|f| {
+                f.as_ref()
+                    .unwrap()
+                    .path()
+                    .extension()
+                    .is_some_and(|x| x == "safetensors")
+            })
+            .count()
+    };
+    assert_eq!(entries(), 3);
+    let d = max_diff(
+        &Tensor::cat(
+            &[
+                first.context.narrow(0, 0, 2).unwrap(),
+                first.context.narrow(0, 3, 1).unwrap(),
+            ],
+            0,
+        )
+        .unwrap(),
+        &e["prompt_embeds"],
+    );
+    assert!(d < 1e-4, "{d:e}");
+    // The second call is served from disk: same values, bit for bit.
+    let again = pipe.encode(&[p[2], p[0]]).unwrap();
+    assert_eq!(
+        max_diff(
+            &again.context.narrow(0, 0, 1).unwrap(),
+            &first.context.narrow(0, 3, 1).unwrap()
+        ),
+        0.0
+    );
+    assert_eq!(
+        max_diff(
+            &again.pooled.narrow(0, 1, 1).unwrap(),
+            &first.pooled.narrow(0, 0, 1).unwrap()
+        ),
+        0.0
+    );
+    assert_eq!(entries(), 3);
+    // Another T5 length is another identity, so another folder.
+    let other = dgpo::sd3_pipeline::Sd3Pipeline::load(
+        &fx(),
+        &dgpo::model::Trainable::None,
+        8,
+        true,
+        DType::F32,
+        &dev,
+    )
+    .unwrap()
+    .with_cache(&root)
+    .unwrap();
+    other.encode(&[p[0]]).unwrap();
+    assert_eq!(root.read_dir().unwrap().count(), 2);
+}
