@@ -154,19 +154,7 @@ impl RemoteReward {
             let arr = val
                 .as_array()
                 .with_context(|| format!("reward server {url}: {key:?} is not a list"))?;
-            if arr.len() != n {
-                bail!(
-                    "reward server {url}: {key:?} has {} values for {n} images",
-                    arr.len()
-                );
-            }
-            arr.iter()
-                .enumerate()
-                .map(|(i, x)| match x.as_f64() {
-                    Some(f) if f.is_finite() => Ok(f as f32),
-                    _ => bail!("reward server {url}: {key}[{i}] = {x} is not a finite number"),
-                })
-                .collect()
+            per_image(url, key, n, arr, |x| x.as_f64(), |x| x.to_string())
         };
         let rewards = obj
             .get("rewards")
@@ -243,29 +231,19 @@ impl RemoteReward {
             let (Pickle::List(arr) | Pickle::Tuple(arr)) = val else {
                 bail!("reward server {url}: {key:?} is not a list");
             };
-            if arr.len() != n {
-                bail!(
-                    "reward server {url}: {key:?} has {} values for {n} images",
-                    arr.len()
-                );
-            }
-            arr.iter()
-                .enumerate()
-                .map(|(i, x)| {
-                    let f = match x {
-                        Pickle::F64(f) => Some(*f),
-                        Pickle::I64(k) => Some(*k as f64),
-                        Pickle::Bool(b) => Some(*b as u8 as f64),
-                        _ => None,
-                    };
-                    match f {
-                        Some(f) if f.is_finite() => Ok(f as f32),
-                        _ => {
-                            bail!("reward server {url}: {key}[{i}] = {x:?} is not a finite number")
-                        }
-                    }
-                })
-                .collect()
+            per_image(
+                url,
+                key,
+                n,
+                arr,
+                |x| match x {
+                    Pickle::F64(f) => Some(*f),
+                    Pickle::I64(k) => Some(*k as f64),
+                    Pickle::Bool(b) => Some(*b as u8 as f64),
+                    _ => None,
+                },
+                |x| format!("{x:?}"),
+            )
         };
         let scores = get("scores")
             .with_context(|| format!("reward server {url}: the reply has no \"scores\" list"))?;
@@ -349,6 +327,34 @@ impl RemoteReward {
             }
         }
     }
+}
+
+/// One finite number per image from a reply's list `key`: a wrong length or a value that is not a
+/// finite number is an error naming the server, the key and the index.
+fn per_image<T>(
+    url: &str,
+    key: &str,
+    n: usize,
+    arr: &[T],
+    number: impl Fn(&T) -> Option<f64>,
+    show: impl Fn(&T) -> String,
+) -> Result<Vec<f32>> {
+    if arr.len() != n {
+        bail!(
+            "reward server {url}: {key:?} has {} values for {n} images",
+            arr.len()
+        );
+    }
+    arr.iter()
+        .enumerate()
+        .map(|(i, x)| match number(x) {
+            Some(f) if f.is_finite() => Ok(f as f32),
+            _ => bail!(
+                "reward server {url}: {key}[{i}] = {} is not a finite number",
+                show(x)
+            ),
+        })
+        .collect()
 }
 
 /// A JSON value as the same pickled Python value.

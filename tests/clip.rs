@@ -39,20 +39,6 @@ fn meta() -> (Vec<String>, HashMap<String, Vec<Vec<u32>>>) {
     )
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
-}
-
 #[test]
 fn preprocessing_matches_pil_bicubic_and_the_crop_exactly() {
     let all = expected()["pixels_u8"].clone();
@@ -95,8 +81,8 @@ fn embeddings_and_rewards_match_transformers() {
             .image_features(&proc.pixels(&ims, &dev).unwrap())
             .unwrap();
         let txt = clip.text_features(&got_ids).unwrap();
-        let di = max_diff(&img, &e[&format!("{act}.image_embeds")]);
-        let dt = max_diff(&txt, &e[&format!("{act}.text_embeds")]);
+        let di = common::max_abs_diff(&img, &e[&format!("{act}.image_embeds")]);
+        let dt = common::max_abs_diff(&txt, &e[&format!("{act}.text_embeds")]);
         eprintln!("{act}: max abs diff image embeds {di:e}, text embeds {dt:e}");
         assert!(di < 1e-4 && dt < 1e-4, "{act}: image {di:e}, text {dt:e}");
         for kind in ["clip_score", "pickscore", "aesthetic"] {
@@ -112,7 +98,7 @@ fn embeddings_and_rewards_match_transformers() {
             let r = Rewards::from_config(&[cfg]).unwrap();
             let (got, _) = r.score(&ims, &prompts, &[None, None, None]).unwrap();
             let got = Tensor::new(got, &dev).unwrap();
-            let d = max_diff(&got, &e[&format!("{act}.{kind}")]);
+            let d = common::max_abs_diff(&got, &e[&format!("{act}.{kind}")]);
             eprintln!("{act} {kind}: max abs diff {d:e}");
             assert!(d < 1e-4, "{act} {kind}: {d:e}");
         }

@@ -69,17 +69,6 @@ fn probe(pipe: &ShapesPipeline) -> Tensor {
         .unwrap()
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .max_all()
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap() as f64
-}
-
 fn header(path: &Path) -> std::collections::HashMap<String, String> {
     let bytes = std::fs::read(path).unwrap();
     let (_, m) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
@@ -106,18 +95,18 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
     let want = probe(&trained.pipe);
     let base = load_model(&cfg, None, WeightsChoice::Ema, &dev).unwrap();
     let base_out = probe(&base.pipe);
-    let moved = max_diff(&want, &base_out);
+    let moved = common::max_abs_diff(&want, &base_out);
     assert!(moved > 1e-3, "the adapter must change the output ({moved})");
     // the raw weights differ from the slow EMA
     let raw = load_model(&cfg, Some(&run), WeightsChoice::Raw, &dev).unwrap();
-    assert!(max_diff(&probe(&raw.pipe), &want) > 1e-6);
+    assert!(common::max_abs_diff(&probe(&raw.pipe), &want) > 1e-6);
 
     // LoRA: loads back through the generic LoRA loader on the config's base
     let lora = dir.join("out/lora.safetensors");
     let r = export(&args(&run, ExportFormat::Lora, lora.clone()), &dev).unwrap();
     assert_eq!(r.files, vec![lora.clone()]);
     let m = load_model(&cfg, Some(&lora), WeightsChoice::Ema, &dev).unwrap();
-    let d = max_diff(&probe(&m.pipe), &want);
+    let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 1e-5, "lora round trip differs by {d}");
     let h = header(&lora);
     assert_eq!(h["dgpo_epoch"], "2");
@@ -158,7 +147,7 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
     assert!(shards.len() > 1, "{shards:?}");
     let m = load_model(&cfg, Some(&folder), WeightsChoice::Ema, &dev).unwrap();
     assert_eq!(m.kind, dgpo::checkpoint::SourceKind::Pipeline);
-    let d = max_diff(&probe(&m.pipe), &want);
+    let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 1e-4, "merged diffusers export differs by {d}");
 
     // single file (StabilityAI layout), on the config's base text encoder
@@ -172,7 +161,7 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
         .all(|k| k.starts_with("model.diffusion_model.")));
     let m = load_model(&cfg, Some(&single), WeightsChoice::Ema, &dev).unwrap();
     assert_eq!(m.kind, dgpo::checkpoint::SourceKind::SingleFile);
-    let d = max_diff(&probe(&m.pipe), &want);
+    let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 1e-4, "single-file export differs by {d}");
 
     // half precision stores half the bytes and stays close
@@ -188,7 +177,7 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
         .iter()
         .all(|(_, v)| v.dtype() == safetensors::Dtype::F16));
     let m = load_model(&cfg, Some(&half), WeightsChoice::Ema, &dev).unwrap();
-    let d = max_diff(&probe(&m.pipe), &want);
+    let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 5e-2, "f16 export differs by {d}");
     let _ = DType::F16;
 }

@@ -15,29 +15,26 @@ fn fx() -> PathBuf {
     common::tiny::root().join("tests/fixtures/sd3_pipeline")
 }
 
-fn max_diff(a: &Tensor, b: &Tensor) -> f32 {
-    assert_eq!(a.dims(), b.dims());
-    (a - b)
-        .unwrap()
-        .abs()
-        .unwrap()
-        .flatten_all()
-        .unwrap()
-        .max(0)
-        .unwrap()
-        .to_scalar::<f32>()
-        .unwrap()
+/// What diffusers computed (`expected.safetensors`).
+fn expected() -> HashMap<String, Tensor> {
+    candle_core::safetensors::load(fx().join("expected.safetensors"), &Device::Cpu).unwrap()
+}
+
+/// The prompts, token ids and T5 length (`expected.json`).
+fn meta() -> serde_json::Value {
+    serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap()).unwrap()
+}
+
+fn prompts(meta: &serde_json::Value) -> Vec<String> {
+    serde_json::from_value(meta["prompts"].clone()).unwrap()
 }
 
 #[test]
 fn prompt_embeddings_match_diffusers() {
     let dev = Device::Cpu;
-    let e: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let e = expected();
+    let meta = meta();
+    let prompts = prompts(&meta);
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
     let max_len = meta["max_sequence_length"].as_u64().unwrap() as usize;
     let ids: HashMap<String, Vec<Vec<u32>>> =
@@ -64,15 +61,15 @@ fn prompt_embeddings_match_diffusers() {
         ("negative_prompt_embeds", &npe, "negative_prompt_embeds"),
         ("negative_pooled", &npooled, "negative_pooled"),
     ] {
-        let d = max_diff(got, &e[want]);
+        let d = common::max_abs_diff(got, &e[want]);
         eprintln!("{name}: max abs diff {d:e}");
         assert!(d < 1e-4, "{name}: {d:e}");
     }
 
     let no_t5 = Sd3TextEncoders::load(&fx(), max_len, false, DType::F32, &dev).unwrap();
     let (pe0, pooled0) = no_t5.encode(&p).unwrap();
-    let d = max_diff(&pe0, &e["prompt_embeds_no_t5"]);
-    let dp = max_diff(&pooled0, &e["pooled_no_t5"]);
+    let d = common::max_abs_diff(&pe0, &e["prompt_embeds_no_t5"]);
+    let dp = common::max_abs_diff(&pooled0, &e["pooled_no_t5"]);
     eprintln!("without T5: prompt_embeds {d:e}, pooled {dp:e}");
     assert!(d < 1e-4 && dp < 1e-4, "{d:e} {dp:e}");
 }
@@ -89,13 +86,12 @@ fn a_missing_component_is_named() {
 #[test]
 fn vae_decodes_as_diffusers_in_chunks() {
     let dev = Device::Cpu;
-    let e: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
+    let e = expected();
     // Two latents with the default chunking (one at a time: Candle 0.11's KL decoder gives the
     // second latent of a batch wrong values, 0.4 off here).
     let vae = dgpo::sd3_vae::Sd3Vae::load(&fx().join("vae"), DType::F32, &dev).unwrap();
     let dec = vae.decode(&e["vae_latents"]).unwrap();
-    let d = max_diff(&dec, &e["vae_decoded"]);
+    let d = common::max_abs_diff(&dec, &e["vae_decoded"]);
     eprintln!("VAE decode: max abs diff {d:e}");
     assert!(d < 1e-4, "{d:e}");
     let imgs = vae.decode_images(&e["vae_latents"]).unwrap();
@@ -122,12 +118,9 @@ fn vae_decodes_as_diffusers_in_chunks() {
 #[test]
 fn the_whole_pipeline_makes_the_images_diffusers_makes() {
     let dev = Device::Cpu;
-    let e: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let e = expected();
+    let meta = meta();
+    let prompts = prompts(&meta);
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
     let pipe = dgpo::sd3_pipeline::Sd3Pipeline::load(
         &fx(),
@@ -174,12 +167,9 @@ fn the_whole_pipeline_makes_the_images_diffusers_makes() {
 #[test]
 fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
     let dev = Device::Cpu;
-    let e: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let e = expected();
+    let meta = meta();
+    let prompts = prompts(&meta);
     let dir = common::tiny::tmp("sd3-sample");
     let noise = dir.join("noise.safetensors");
     candle_core::safetensors::save(
@@ -281,12 +271,9 @@ fn a_repo_id_resolves_through_the_hugging_face_cache_offline() {
 #[test]
 fn prompt_embeddings_are_cached_on_disk_per_prompt() {
     let dev = Device::Cpu;
-    let e: HashMap<String, Tensor> =
-        candle_core::safetensors::load(fx().join("expected.safetensors"), &dev).unwrap();
-    let meta: serde_json::Value =
-        serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap())
-            .unwrap();
-    let prompts: Vec<String> = serde_json::from_value(meta["prompts"].clone()).unwrap();
+    let e = expected();
+    let meta = meta();
+    let prompts = prompts(&meta);
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
     let root = common::tiny::tmp("embed-cache");
     let pipe = dgpo::sd3_pipeline::Sd3Pipeline::load(
@@ -315,7 +302,7 @@ fn prompt_embeddings_are_cached_on_disk_per_prompt() {
             .count()
     };
     assert_eq!(entries(), 3);
-    let d = max_diff(
+    let d = common::max_abs_diff(
         &Tensor::cat(
             &[
                 first.context.narrow(0, 0, 2).unwrap(),
@@ -330,14 +317,14 @@ fn prompt_embeddings_are_cached_on_disk_per_prompt() {
     // The second call is served from disk: same values, bit for bit.
     let again = pipe.encode(&[p[2], p[0]]).unwrap();
     assert_eq!(
-        max_diff(
+        common::max_abs_diff(
             &again.context.narrow(0, 0, 1).unwrap(),
             &first.context.narrow(0, 3, 1).unwrap()
         ),
         0.0
     );
     assert_eq!(
-        max_diff(
+        common::max_abs_diff(
             &again.pooled.narrow(0, 1, 1).unwrap(),
             &first.pooled.narrow(0, 0, 1).unwrap()
         ),
