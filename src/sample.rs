@@ -219,44 +219,43 @@ impl Model {
         bar: &indicatif::ProgressBar,
     ) -> Result<Vec<Image>> {
         match self {
-            Model::Shapes(m) => sample_all(m, prompts, noise, a, bar),
-            Model::Sd3 { pipe, .. } => {
-                let n = prompts.len() * a.images_per_prompt;
-                let mut images = Vec::with_capacity(n);
-                let mut start = 0;
-                while start < n {
-                    let len = a.batch_size.max(1).min(n - start);
-                    let texts: Vec<&str> = (start..start + len)
-                        .map(|k| prompts[k / a.images_per_prompt].prompt.as_str())
-                        .collect();
-                    images.extend(pipe.generate(
-                        &texts,
-                        &noise.narrow(0, start, len)?,
+            Model::Shapes(m) => {
+                let pipe = &m.pipe;
+                let sched = schedule(a.sampler, a.steps, a.shift);
+                let empty = pipe.encode(&[""])?;
+                in_batches(prompts, noise, a, bar, |texts, noise| {
+                    let cond = pipe.encode(texts)?;
+                    let uncond = empty.repeat(texts.len())?;
+                    let x0 = sample(
+                        &pipe.transformer,
                         a.sampler,
-                        a.steps,
-                        a.shift,
+                        &sched,
+                        noise,
+                        &cond,
+                        Some(&uncond),
                         a.guidance,
-                    )?);
-                    bar.inc(len as u64);
-                    start += len;
-                }
-                Ok(images)
+                        Weights::PolicyNoGrad,
+                    )?;
+                    tensor_to_images(&x0)
+                })
             }
+            Model::Sd3 { pipe, .. } => in_batches(prompts, noise, a, bar, |texts, noise| {
+                pipe.generate(texts, noise, a.sampler, a.steps, a.shift, a.guidance)
+            }),
         }
     }
 }
 
-fn sample_all(
-    m: &LoadedModel,
+/// Every image (`images_per_prompt` per prompt, prompt-major) in batches of `a.batch_size`: `gen`
+/// makes one batch's images from its prompts and noise.
+fn in_batches(
     prompts: &[PromptItem],
     noise: &Tensor,
     a: &SampleArgs,
     bar: &indicatif::ProgressBar,
+    mut gen: impl FnMut(&[&str], &Tensor) -> Result<Vec<Image>>,
 ) -> Result<Vec<Image>> {
-    let pipe = &m.pipe;
     let n = prompts.len() * a.images_per_prompt;
-    let sched = schedule(a.sampler, a.steps, a.shift);
-    let empty = pipe.encode(&[""])?;
     let mut images = Vec::with_capacity(n);
     let mut start = 0;
     while start < n {
@@ -264,19 +263,7 @@ fn sample_all(
         let texts: Vec<&str> = (start..start + len)
             .map(|k| prompts[k / a.images_per_prompt].prompt.as_str())
             .collect();
-        let cond = pipe.encode(&texts)?;
-        let uncond = empty.repeat(len)?;
-        let x0 = sample(
-            &pipe.transformer,
-            a.sampler,
-            &sched,
-            &noise.narrow(0, start, len)?,
-            &cond,
-            Some(&uncond),
-            a.guidance,
-            Weights::PolicyNoGrad,
-        )?;
-        images.extend(tensor_to_images(&x0)?);
+        images.extend(gen(&texts, &noise.narrow(0, start, len)?)?);
         bar.inc(len as u64);
         start += len;
     }

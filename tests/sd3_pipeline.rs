@@ -25,6 +25,15 @@ fn meta() -> serde_json::Value {
     serde_json::from_str(&std::fs::read_to_string(fx().join("expected.json")).unwrap()).unwrap()
 }
 
+/// The largest difference between two images' 8-bit values.
+fn worst_pixel(got: &[f32], want: &[f32]) -> f32 {
+    assert_eq!(got.len(), want.len());
+    got.iter()
+        .zip(want)
+        .map(|(a, b)| (a - b).abs())
+        .fold(0f32, f32::max)
+}
+
 fn prompts(meta: &serde_json::Value) -> Vec<String> {
     serde_json::from_value(meta["prompts"].clone()).unwrap()
 }
@@ -106,11 +115,7 @@ fn vae_decodes_as_diffusers_in_chunks() {
         .iter()
         .flat_map(|i| i.data.iter().map(|&p| p as f32))
         .collect();
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&got, &want);
     eprintln!("VAE images: max pixel diff {worst}");
     assert!(worst <= 1.0, "{worst}");
 }
@@ -151,11 +156,7 @@ fn the_whole_pipeline_makes_the_images_diffusers_makes() {
         .flat_map(|i| i.data.iter().map(|&p| p as f32))
         .collect();
     assert_eq!(got.len(), want.len());
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (a - b).abs())
-        .fold(0f32, f32::max);
+    let worst = worst_pixel(&got, &want);
     let differ = got.iter().zip(&want).filter(|(a, b)| a != b).count();
     eprintln!(
         "end to end: max pixel diff {worst}/255, {differ} of {} values differ",
@@ -208,11 +209,8 @@ fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
         got.extend(dgpo::shapes::Image::from_png_bytes(&png).unwrap().data);
     }
     assert_eq!(got.len(), want.len());
-    let worst = got
-        .iter()
-        .zip(&want)
-        .map(|(a, b)| (*a as f32 - b).abs())
-        .fold(0f32, f32::max);
+    let got: Vec<f32> = got.iter().map(|&p| p as f32).collect();
+    let worst = worst_pixel(&got, &want);
     eprintln!("dgpo sample --noise: max pixel diff {worst}/255");
     assert!(worst <= 2.0, "{worst}");
     assert!(out.join("grid.png").exists() && out.join("summary.json").exists());
