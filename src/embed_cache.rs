@@ -65,6 +65,30 @@ impl EmbeddingCache {
         }
     }
 
+    /// Whether `prompt` has an entry (reads only the entry's header, not its tensors).
+    pub fn contains(&self, prompt: &str) -> Result<bool> {
+        use std::io::Read;
+        let p = self.path(prompt);
+        let Ok(mut f) = std::fs::File::open(&p) else {
+            return Ok(false);
+        };
+        let mut len = [0u8; 8];
+        if f.read_exact(&mut len).is_err() {
+            return Ok(false); // truncated: rewritten on the next miss
+        }
+        let n = u64::from_le_bytes(len);
+        if n > 100_000_000 {
+            return Ok(false);
+        }
+        let mut header = vec![0u8; n as usize];
+        if f.read_exact(&mut header).is_err() {
+            return Ok(false);
+        }
+        let v: serde_json::Value = serde_json::from_slice(&header)
+            .with_context(|| format!("{}: unreadable safetensors header", p.display()))?;
+        Ok(v["__metadata__"]["prompt"].as_str() == Some(prompt))
+    }
+
     pub fn put(&self, prompt: &str, context: &Tensor, pooled: &Tensor) -> Result<()> {
         save_safetensors(
             &self.path(prompt),

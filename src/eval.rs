@@ -3,12 +3,14 @@
 //! code serves `dgpo eval`, the evaluations inside `dgpo pretrain` and those of `dgpo train`.
 
 use crate::config::{Config, Sampler};
+use crate::generator::Generator;
 use crate::geneval::{summarize, Metadata, Outcome, Summary};
 use crate::model::Weights;
-use crate::pipeline::{tensor_to_images, ShapesPipeline};
+use crate::reward::Rewards;
+use crate::sample::PromptItem;
 use crate::sampling::{sample, schedule, seeded_randn};
 use crate::shapes::{score_image, Image};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
 
@@ -63,24 +65,51 @@ pub struct EvalResult {
     /// Prompt-major: images of prompt 0, then prompt 1, …
     pub images: Vec<Image>,
     pub outcomes: Vec<Outcome>,
+    /// Whether `strict` / `correct` of the outcomes are GenEval verdicts (the shapes detector, or a
+    /// reward module with `strict_accuracy` / `accuracy` sub-metrics); otherwise only the rewards mean
+    /// something.
+    pub geneval: bool,
     pub wall_s: f64,
 }
 
-/// Sample and score every prompt of `metas`. `w` selects the weights (policy, reference).
+/// Sample and score every prompt of `metas` with the shapes world's detector. `w` selects the
+/// weights (policy, reference).
 pub fn evaluate(
-    pipe: &ShapesPipeline,
+    pipe: &dyn Generator,
     metas: &[Metadata],
     s: &EvalSettings,
     w: Weights,
     progress: bool,
 ) -> Result<EvalResult> {
+    let items: Vec<PromptItem> = metas
+        .iter()
+        .map(|m| PromptItem {
+            prompt: m.prompt.clone(),
+            meta: Some(m.clone()),
+        })
+        .collect();
+    evaluate_prompts(pipe, &items, s, w, progress, None)
+}
+
+/// Sample every prompt `images_per_prompt` times from the fixed evaluation noise and score the images:
+/// with the exact detector in the shapes world (every prompt needs GenEval metadata), otherwise with
+/// `rewards` (the `[[reward]]` modules), whose `strict_accuracy` and `accuracy` sub-metrics, when a
+/// module has them (the GenEval server), give the per-tag GenEval scores.
+pub fn evaluate_prompts(
+    pipe: &dyn Generator,
+    items: &[PromptItem],
+    s: &EvalSettings,
+    w: Weights,
+    progress: bool,
+    rewards: Option<&Rewards>,
+) -> Result<EvalResult> {
     let start = std::time::Instant::now();
-    if metas.is_empty() {
+    if items.is_empty() {
         bail!("no evaluation prompts");
     }
     let dev = pipe.device();
-    let shape = pipe.image_shape();
-    let jobs: Vec<(usize, usize)> = (0..metas.len())
+    let shape = pipe.latent_shape();
+    let jobs: Vec<(usize, usize)> = (0..items.len())
         .flat_map(|p| (0..s.images_per_prompt).map(move |i| (p, i)))
         .collect();
     let sched = schedule(s.sampler, s.num_steps, s.shift);
@@ -100,7 +129,7 @@ pub fn evaluate(
     for chunk in jobs.chunks(s.batch_size.max(1)) {
         let prompts: Vec<&str> = chunk
             .iter()
-            .map(|(p, _)| metas[*p].prompt.as_str())
+            .map(|(p, _)| items[*p].prompt.as_str())
             .collect();
         let cond = pipe.encode(&prompts)?;
         let uncond = empty.repeat(chunk.len())?;
@@ -110,7 +139,7 @@ pub fn evaluate(
             .collect::<Result<Vec<_>>>()?;
         let noise = Tensor::cat(&noise, 0)?;
         let x0 = sample(
-            &pipe.transformer,
+            pipe.transformer(),
             s.sampler,
             &sched,
             &noise,
@@ -119,15 +148,71 @@ pub fn evaluate(
             s.guidance,
             w,
         )?;
-        images.extend(tensor_to_images(&x0)?);
+        images.extend(pipe.decode(&x0)?);
         bar.inc(chunk.len() as u64);
     }
     bar.finish_and_clear();
-    let outcomes: Vec<Outcome> = jobs
+    // Prompts without metadata are summarised under one tag.
+    let metas: Vec<Metadata> = items
         .iter()
-        .zip(&images)
-        .map(|((p, _), im)| score_image(&metas[*p], im))
+        .map(|it| {
+            it.meta.clone().unwrap_or_else(|| Metadata {
+                tag: UNTAGGED.into(),
+                include: vec![],
+                exclude: vec![],
+                prompt: it.prompt.clone(),
+            })
+        })
         .collect();
+    let (outcomes, geneval) = if pipe.shapes_world() {
+        let outcomes = jobs
+            .iter()
+            .zip(&images)
+            .map(|((p, _), im)| match &items[*p].meta {
+                Some(m) => Ok(score_image(m, im)),
+                None => bail!(
+                    "evaluation prompt {:?} has no GenEval metadata: the shapes world scores .jsonl \
+                     prompt files",
+                    items[*p].prompt
+                ),
+            })
+            .collect::<Result<Vec<_>>>()?;
+        (outcomes, true)
+    } else {
+        let Some(rewards) = rewards else {
+            bail!("evaluating outside the shapes world needs the [[reward]] modules")
+        };
+        let prompts: Vec<String> = jobs.iter().map(|(p, _)| items[*p].prompt.clone()).collect();
+        let job_metas: Vec<Option<Metadata>> =
+            jobs.iter().map(|(p, _)| items[*p].meta.clone()).collect();
+        let (total, named) = rewards
+            .score(&images, &prompts, &job_metas)
+            .context("scoring the evaluation images")?;
+        let sub = |suffix: &str| {
+            named
+                .iter()
+                .find(|(k, _)| k.ends_with(suffix))
+                .map(|(_, v)| v.clone())
+        };
+        let (strict, correct) = (sub("/strict_accuracy"), sub("/accuracy"));
+        let geneval = strict.is_some() || correct.is_some();
+        let verdict = |v: &Option<Vec<f32>>, i: usize| v.as_ref().is_some_and(|v| v[i] > 0.5);
+        let outcomes = total
+            .iter()
+            .enumerate()
+            .map(|(i, r)| Outcome {
+                reward: f64::from(*r),
+                strict: verdict(&strict, i),
+                // Without an `accuracy` list the strict verdict stands for both.
+                correct: match &correct {
+                    Some(_) => verdict(&correct, i),
+                    None => verdict(&strict, i),
+                },
+                reason: String::new(),
+            })
+            .collect();
+        (outcomes, geneval)
+    };
     let summary = summarize(
         jobs.iter()
             .zip(&outcomes)
@@ -137,9 +222,13 @@ pub fn evaluate(
         summary,
         images,
         outcomes,
+        geneval,
         wall_s: start.elapsed().as_secs_f64(),
     })
 }
+
+/// The tag under which prompts without GenEval metadata are summarised.
+pub const UNTAGGED: &str = "prompts";
 
 /// `dgpo eval`: load the model, evaluate on `prompts.test`, print the table, optionally write JSON and a
 /// grid.
@@ -150,7 +239,6 @@ pub fn run_cli(
     grid: Option<&std::path::Path>,
     dev: &Device,
 ) -> Result<()> {
-    use anyhow::Context;
     let settings = EvalSettings::from_config(cfg)?;
     let test = cfg
         .prompts

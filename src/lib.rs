@@ -8,6 +8,7 @@ pub mod embed_cache;
 pub mod eval;
 pub mod export;
 pub mod flow_grpo;
+pub mod generator;
 pub mod geneval;
 pub mod hub;
 pub mod io;

@@ -355,36 +355,24 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     };
     let mut models = Vec::with_capacity(sources.len());
     // A hub id (e.g. stabilityai/stable-diffusion-3.5-medium) is resolved through the cache.
-    let base = if crate::hub::is_repo_id(&cfg.model.pretrained) {
-        crate::hub::pipeline_dir(&cfg.model.pretrained, true)
-            .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?
-    } else {
-        PathBuf::from(&cfg.model.pretrained)
-    };
+    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
     for s in &sources {
         let m = match s {
-            None if crate::sd3_pipeline::is_sd3_pipeline(&base) => Model::Sd3 {
-                pipe: Box::new(
-                    crate::sd3_pipeline::Sd3Pipeline::load(
-                        &base,
-                        &crate::model::Trainable::None,
-                        cfg.model.max_sequence_length,
-                        true,
-                        if dev.is_cpu() {
-                            candle_core::DType::F32
-                        } else {
-                            cfg.model.dtype.candle()
-                        },
-                        dev,
-                    )
-                    .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
-                    .and_then(|p| match &cfg.model.embedding_cache {
-                        Some(dir) => p.with_cache(dir),
-                        None => Ok(p),
-                    })?,
-                ),
-                path: base.clone(),
-            },
+            None if crate::sd3_pipeline::is_sd3_pipeline(&base) => {
+                let mut pipe = crate::sd3_pipeline::load_from_config(
+                    cfg,
+                    &base,
+                    &crate::model::Trainable::None,
+                    dev,
+                )?;
+                let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
+                texts.push("");
+                pipe.prepare_prompts(&texts, a.batch_size)?;
+                Model::Sd3 {
+                    pipe: Box::new(pipe),
+                    path: base.clone(),
+                }
+            }
             Some(_) if crate::sd3_pipeline::is_sd3_pipeline(&base) => bail!(
                 "--checkpoint on an SD3 pipeline base is not supported yet: sample the base \
                  pipeline (no --checkpoint), or a shapes-testbed run"

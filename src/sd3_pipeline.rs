@@ -3,7 +3,7 @@
 //! `generate` samples images from given initial noise as the diffusers pipeline does (CFG on the
 //! prompt and the empty negative prompt, the flow-matching ODE, VAE decode).
 
-use crate::config::Sampler;
+use crate::config::{Config, Sampler};
 use crate::model::weights::WeightSource;
 use crate::model::{load_transformer, MMDiT, Trainable, Weights};
 use crate::sampling::{sample, schedule, Conditioning};
@@ -12,7 +12,7 @@ use crate::sd3_vae::Sd3Vae;
 use crate::shapes::Image;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Is `dir` a diffusers SD3 pipeline folder (`model_index.json` naming `StableDiffusion3Pipeline`)?
 pub fn is_sd3_pipeline(dir: &Path) -> bool {
@@ -26,15 +26,50 @@ pub fn is_sd3_pipeline(dir: &Path) -> bool {
         .unwrap_or(false)
 }
 
+/// `model.pretrained` as a folder: a Hugging Face repo id is resolved through the cache (downloading
+/// what is missing unless `HF_HUB_OFFLINE=1`), anything else is taken as a path.
+pub fn resolve_pretrained(cfg: &Config) -> Result<PathBuf> {
+    if crate::hub::is_repo_id(&cfg.model.pretrained) {
+        crate::hub::pipeline_dir(&cfg.model.pretrained, true)
+            .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
+    } else {
+        Ok(PathBuf::from(&cfg.model.pretrained))
+    }
+}
+
+/// The SD3 / SD3.5 pipeline in `dir` as a config asks for it: frozen weights in `model.dtype` on CUDA
+/// (f32 on the CPU), `max_sequence_length` T5 tokens, and with `model.embedding_cache` the text
+/// encoders left on disk until [`Sd3Pipeline::prepare_prompts`] needs them.
+pub fn load_from_config(
+    cfg: &Config,
+    dir: &Path,
+    trainable: &Trainable,
+    dev: &Device,
+) -> Result<Sd3Pipeline> {
+    let dtype = if dev.is_cpu() {
+        DType::F32
+    } else {
+        cfg.model.dtype.candle()
+    };
+    let len = cfg.model.max_sequence_length;
+    match &cfg.model.embedding_cache {
+        Some(root) => Sd3Pipeline::load_cached(dir, trainable, len, true, dtype, dev, root),
+        None => Sd3Pipeline::load(dir, trainable, len, true, dtype, dev),
+    }
+    .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
+}
+
 pub struct Sd3Pipeline {
     pub transformer: MMDiT,
-    pub text: Sd3TextEncoders,
+    /// `None` while freed ([`Sd3Pipeline::free_text_encoders`]) or not yet needed
+    /// ([`Sd3Pipeline::load_cached`]): prompts are then served by the embedding cache alone.
+    pub text: Option<Sd3TextEncoders>,
     pub vae: Sd3Vae,
     /// The scheduler's `shift` (`scheduler/scheduler_config.json`).
     pub shift: f64,
     /// Prompt embeddings on disk ([`Sd3Pipeline::with_cache`]).
     pub cache: Option<crate::embed_cache::EmbeddingCache>,
-    dir: std::path::PathBuf,
+    dir: PathBuf,
     max_sequence_length: usize,
     with_t5: bool,
     dtype: DType,
@@ -51,6 +86,51 @@ impl Sd3Pipeline {
         dtype: DType,
         dev: &Device,
     ) -> Result<Self> {
+        Self::load_parts(
+            dir,
+            trainable,
+            max_sequence_length,
+            with_t5,
+            dtype,
+            dev,
+            true,
+        )
+    }
+
+    /// As [`Sd3Pipeline::load`] with prompt embeddings kept under `cache_root`, and the text encoders
+    /// left on disk: [`Sd3Pipeline::prepare_prompts`] loads them only when a prompt is missing from
+    /// the cache, and frees them again afterwards.
+    pub fn load_cached(
+        dir: &Path,
+        trainable: &Trainable,
+        max_sequence_length: usize,
+        with_t5: bool,
+        dtype: DType,
+        dev: &Device,
+        cache_root: &Path,
+    ) -> Result<Self> {
+        Self::load_parts(
+            dir,
+            trainable,
+            max_sequence_length,
+            with_t5,
+            dtype,
+            dev,
+            false,
+        )?
+        .with_cache(cache_root)
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn load_parts(
+        dir: &Path,
+        trainable: &Trainable,
+        max_sequence_length: usize,
+        with_t5: bool,
+        dtype: DType,
+        dev: &Device,
+        text_now: bool,
+    ) -> Result<Self> {
         ensure!(
             is_sd3_pipeline(dir),
             "{}: not a diffusers StableDiffusion3Pipeline folder (its model_index.json should name \
@@ -64,7 +144,17 @@ impl Sd3Pipeline {
             dev,
         )
         .with_context(|| format!("{}/transformer", dir.display()))?;
-        let text = Sd3TextEncoders::load(dir, max_sequence_length, with_t5, dtype, dev)?;
+        let text = if text_now {
+            Some(Sd3TextEncoders::load(
+                dir,
+                max_sequence_length,
+                with_t5,
+                dtype,
+                dev,
+            )?)
+        } else {
+            None
+        };
         let vae = Sd3Vae::load(&dir.join("vae"), dtype, dev)?;
         let sched: serde_json::Value = read_json(&dir.join("scheduler/scheduler_config.json"))?;
         let shift = sched.get("shift").and_then(|v| v.as_f64()).unwrap_or(1.0);
@@ -94,10 +184,76 @@ impl Sd3Pipeline {
         Ok(self)
     }
 
+    fn text_encoders(&self) -> Result<&Sd3TextEncoders> {
+        self.text.as_ref().with_context(|| {
+            format!(
+                "the text encoders of {} are not loaded: every prompt must be in the embedding cache \
+                 first (Sd3Pipeline::prepare_prompts)",
+                self.dir.display()
+            )
+        })
+    }
+
+    /// Drop the text encoders (T5-XXL alone is 9.5 GB in bf16); prompts are then served by the cache.
+    pub fn free_text_encoders(&mut self) {
+        self.text = None;
+    }
+
+    /// Make sure every prompt of `prompts` is in the embedding cache: the missing ones (counted by
+    /// the return value) are encoded in batches of `batch_size`, with a progress bar, by text encoders
+    /// loaded for the purpose and freed afterwards unless they were loaded before. Without a cache
+    /// nothing is done (the encoders stay loaded).
+    pub fn prepare_prompts(&mut self, prompts: &[&str], batch_size: usize) -> Result<usize> {
+        let Some(cache) = &self.cache else {
+            return Ok(0);
+        };
+        let mut todo: Vec<&str> = vec![];
+        let mut seen = std::collections::HashSet::new();
+        for p in prompts {
+            if seen.insert(*p) && !cache.contains(p)? {
+                todo.push(p);
+            }
+        }
+        if todo.is_empty() {
+            return Ok(0);
+        }
+        let loaded_here = self.text.is_none();
+        if loaded_here {
+            tracing::info!(
+                missing = todo.len(),
+                "loading the text encoders of {} for the embedding cache",
+                self.dir.display()
+            );
+            self.text = Some(Sd3TextEncoders::load(
+                &self.dir,
+                self.max_sequence_length,
+                self.with_t5,
+                self.dtype,
+                &self.dev,
+            )?);
+        }
+        let bar = indicatif::ProgressBar::new(todo.len() as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "encoding prompts {bar:30} {pos}/{len} [{elapsed_precise}<{eta_precise}]",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        for chunk in todo.chunks(batch_size.max(1)) {
+            self.encode(chunk)?;
+            bar.inc(chunk.len() as u64);
+        }
+        bar.finish_and_clear();
+        if loaded_here {
+            self.free_text_encoders();
+        }
+        Ok(todo.len())
+    }
+
     /// Prompt embeddings: from the cache where present, the rest encoded (in one batch) and stored.
     pub fn encode(&self, prompts: &[&str]) -> Result<Conditioning> {
         let Some(cache) = &self.cache else {
-            let (context, pooled) = self.text.encode(prompts)?;
+            let (context, pooled) = self.text_encoders()?.encode(prompts)?;
             return Ok(Conditioning { context, pooled });
         };
         let dev = self.dev.clone();
@@ -112,7 +268,7 @@ impl Sd3Pipeline {
             }
         }
         if !todo.is_empty() {
-            let (c, pl) = self.text.encode(&todo)?;
+            let (c, pl) = self.text_encoders()?.encode(&todo)?;
             for (i, p) in todo.iter().enumerate() {
                 let (ci, pi) = (c.narrow(0, i, 1)?, pl.narrow(0, i, 1)?);
                 cache.put(p, &ci, &pi)?;
@@ -128,6 +284,11 @@ impl Sd3Pipeline {
             context: Tensor::cat(&cs, 0)?,
             pooled: Tensor::cat(&ps, 0)?,
         })
+    }
+
+    /// Side of the images in pixels (latent side × the VAE's scale factor).
+    pub fn image_size(&self) -> usize {
+        self.transformer.cfg.sample_size * self.vae.scale_factor()
     }
 
     /// `(channels, height, width)` of the latents.

@@ -91,6 +91,11 @@ impl Sd3Vae {
         })
     }
 
+    /// Pixels per latent along each side: 2 per down block after the first (8 for SD3's VAE).
+    pub fn scale_factor(&self) -> usize {
+        1 << self.config.block_out_channels.len().saturating_sub(1)
+    }
+
     /// The decoder's output (about [-1, 1]) for denoised latents `[n, C, h, w]`.
     pub fn decode(&self, latents: &Tensor) -> Result<Tensor> {
         let n = latents.dim(0)?;

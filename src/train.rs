@@ -11,16 +11,18 @@
 
 use crate::config::{AdvantageMode, Algorithm, Config, PromptSampling};
 use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
-use crate::eval::{evaluate, EvalSettings};
-use crate::geneval::{read_metadata, Metadata};
+use crate::eval::{evaluate_prompts, EvalSettings};
+use crate::generator::Generator;
+use crate::geneval::Metadata;
 use crate::io::{
     append_jsonl as append_metrics, replace_dir, save_safetensors, staging_dir, write_atomic,
 };
 use crate::model::weights::read_safetensors;
 use crate::model::{Trainable, Weights};
 use crate::optim::{AdamW, AdamWParams, Shadow};
-use crate::pipeline::{tensor_to_images, ShapesPipeline};
+use crate::pipeline::ShapesPipeline;
 use crate::reward::Rewards;
+use crate::sample::read_prompt_file;
 use crate::sampling::{sample, schedule, seeded_randn as randn, Conditioning};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
@@ -139,8 +141,8 @@ pub fn run_until(
         .test
         .as_ref()
         .context("prompts.test is not set")?;
-    let train_metas = read_metadata(train_path)?;
-    let test_metas = read_metadata(test_path)?;
+    let train_items = read_prompt_file(train_path)?;
+    let test_items = read_prompt_file(test_path)?;
     let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
     rewards.check()?;
     let settings = EvalSettings::from_config(cfg)?;
@@ -152,25 +154,61 @@ pub fn run_until(
     } else {
         Trainable::Full
     };
-    let base = PathBuf::from(&cfg.model.pretrained);
-    if !crate::pipeline::is_shapes_pipeline(&base) {
-        bail!(
-            "model.pretrained = {:?}: `dgpo train` runs shapes pipelines today (e.g. configs/shapes.toml \
-             with configs/shapes/base); training SD3 / SD3.5 needs its text encoders and VAE, which arrive \
-             with issue 7",
-            cfg.model.pretrained
-        );
-    }
-    let pipe = ShapesPipeline::load(&base, &trainable, dev)
-        .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?;
-    for (path, metas) in [(train_path, &train_metas), (test_path, &test_metas)] {
-        for m in metas.iter() {
-            pipe.tokenizer
-                .encode(&m.prompt)
-                .with_context(|| format!("prompt in {}", path.display()))?;
+    if cfg.prompts.sampling == PromptSampling::ByTag {
+        if let Some(i) = train_items.iter().position(|p| p.meta.is_none()) {
+            bail!(
+                "prompts.sampling = \"by_tag\" needs GenEval metadata (a .jsonl file), but prompt {} of \
+                 {} ({:?}) has none: use sampling = \"uniform\"",
+                i + 1,
+                train_path.display(),
+                train_items[i].prompt
+            );
         }
     }
-    let (_, res, _) = pipe.image_shape();
+    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
+    let loaded: Box<dyn Generator> = if crate::sd3_pipeline::is_sd3_pipeline(&base) {
+        let mut p = crate::sd3_pipeline::load_from_config(cfg, &base, &trainable, dev)?;
+        // Every prompt of the run goes through the text encoders once, up front; with
+        // model.embedding_cache they are then freed and the run reads the cache.
+        let mut texts: Vec<&str> = train_items
+            .iter()
+            .chain(&test_items)
+            .map(|p| p.prompt.as_str())
+            .collect();
+        texts.push("");
+        let n = p.prepare_prompts(&texts, s.batch_size)?;
+        if cfg.model.embedding_cache.is_some() {
+            tracing::info!(
+                encoded = n,
+                "prompt embeddings ready; text encoders not in memory"
+            );
+        }
+        Box::new(p)
+    } else {
+        Box::new(
+            ShapesPipeline::load(&base, &trainable, dev)
+                .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?,
+        )
+    };
+    let pipe: &dyn Generator = loaded.as_ref();
+    for (path, items) in [(train_path, &train_items), (test_path, &test_items)] {
+        for (i, it) in items.iter().enumerate() {
+            pipe.check_prompt(&it.prompt)
+                .with_context(|| format!("prompt {} of {}", i + 1, path.display()))?;
+        }
+    }
+    if pipe.shapes_world() {
+        if let Some(i) = test_items.iter().position(|p| p.meta.is_none()) {
+            bail!(
+                "{}: test prompt {} ({:?}) has no GenEval metadata; shapes-world evaluations score \
+                 .jsonl prompt files",
+                test_path.display(),
+                i + 1,
+                test_items[i].prompt
+            );
+        }
+    }
+    let res = pipe.image_size();
     if res != cfg.model.resolution {
         bail!(
             "model.resolution = {} but the model at {} works at {res}",
@@ -178,7 +216,7 @@ pub fn run_until(
             base.display()
         );
     }
-    let vars = pipe.transformer.trainable_vars();
+    let vars = pipe.transformer().trainable_vars();
     if vars.is_empty() {
         bail!("nothing to train: lora.targets match no layer and lora.enabled = true");
     }
@@ -261,7 +299,7 @@ pub fn run_until(
         });
     }
 
-    let shape = pipe.image_shape();
+    let shape = pipe.latent_shape();
     let g = s.group_size;
     let per_epoch = s.batch_size * s.num_batches_per_epoch;
     let workers = crate::par::workers_for(dev);
@@ -281,33 +319,53 @@ pub fn run_until(
         group_size = g,
         "DGPO on {} ({} train / {} test prompts) into {}",
         base.display(),
-        train_metas.len(),
-        test_metas.len(),
+        train_items.len(),
+        test_items.len(),
         out.display()
     );
 
-    let do_eval = |epoch: usize, opt_step: u64, wall: f64, ema: &Shadow| -> Result<f64> {
+    // Returns GenEval's overall score when the evaluation has GenEval verdicts.
+    let do_eval = |epoch: usize, opt_step: u64, wall: f64, ema: &Shadow| -> Result<Option<f64>> {
         let r = ema.with(&vars, || {
-            evaluate(&pipe, &test_metas, &settings, Weights::PolicyNoGrad, false)
+            evaluate_prompts(
+                pipe,
+                &test_items,
+                &settings,
+                Weights::PolicyNoGrad,
+                false,
+                Some(&rewards),
+            )
         })?;
         let sm = &r.summary;
+        let geneval = r.geneval.then_some(sm.geneval_overall);
         append_metrics(
             &metrics,
             &serde_json::json!({
                 "kind": "eval", "epoch": epoch, "opt_step": opt_step, "wall_s": wall,
-                "eval_reward_mean": sm.reward_mean, "geneval_overall": sm.geneval_overall,
-                "strict_accuracy": sm.strict_accuracy, "accuracy": sm.accuracy,
-                "per_tag": sm.per_tag.iter().map(|(k, v)| (k.clone(), serde_json::json!(v.accuracy))).collect::<serde_json::Map<_, _>>(),
+                "eval_reward_mean": sm.reward_mean, "geneval_overall": geneval,
+                "strict_accuracy": r.geneval.then_some(sm.strict_accuracy),
+                "accuracy": r.geneval.then_some(sm.accuracy),
+                "per_tag": sm.per_tag.iter().map(|(k, v)| (k.clone(), if r.geneval { serde_json::json!(v.accuracy) } else { serde_json::Value::Null })).collect::<serde_json::Map<_, _>>(),
                 "eval_s": r.wall_s,
             }),
         )?;
-        let grid = crate::shapes::grid(&r.images, settings.images_per_prompt * 4, 1);
+        // Large images: the grid shows the first prompts only (at most 64 images).
+        let shown = if res > 64 {
+            r.images.len().min(64)
+        } else {
+            r.images.len()
+        };
+        let grid = crate::shapes::grid(&r.images[..shown], settings.images_per_prompt * 4, 1);
         grid.to_png(&out.join(format!("grids/eval-epoch-{epoch:05}.png")))?;
         println!(
-            "eval  epoch {epoch:>4}  step {opt_step:>4}  geneval_overall {:.3}  reward {:.3}  ({:.0} s)",
-            sm.geneval_overall, sm.reward_mean, r.wall_s
+            "eval  epoch {epoch:>4}  step {opt_step:>4}  {}reward {:.3}  ({:.0} s)",
+            geneval
+                .map(|g| format!("geneval_overall {g:.3}  "))
+                .unwrap_or_default(),
+            sm.reward_mean,
+            r.wall_s
         );
-        Ok(sm.geneval_overall)
+        Ok(geneval)
     };
 
     let save =
@@ -357,7 +415,7 @@ pub fn run_until(
     for epoch in start_epoch..cfg.run.num_epochs {
         let wall = wall0 + t0.elapsed().as_secs_f64();
         if epoch % cfg.run.eval_every == 0 {
-            let score = do_eval(epoch, opt.step, wall, &ema)?;
+            let score = do_eval(epoch, opt.step, wall, &ema)?.unwrap_or(0.0);
             if score >= 0.8 && first_above.is_none() {
                 first_above = Some(epoch);
             }
@@ -366,10 +424,13 @@ pub fn run_until(
         let t_roll = Instant::now();
         let chosen = match cfg.prompts.sampling {
             PromptSampling::Uniform => {
-                epoch_prompts(train_metas.len(), n_groups, cfg.run.seed, epoch)
+                epoch_prompts(train_items.len(), n_groups, cfg.run.seed, epoch)
             }
             PromptSampling::ByTag => {
-                let tags: Vec<&str> = train_metas.iter().map(|m| m.tag.as_str()).collect();
+                let tags: Vec<&str> = train_items
+                    .iter()
+                    .map(|m| m.meta.as_ref().map_or("", |m| m.tag.as_str()))
+                    .collect();
                 epoch_prompts_by_tag(&tags, n_groups, cfg.run.seed, epoch)
             }
         };
@@ -379,12 +440,10 @@ pub fn run_until(
             .collect();
         let prompts: Vec<String> = order
             .iter()
-            .map(|&i| train_metas[i].prompt.clone())
+            .map(|&i| train_items[i].prompt.clone())
             .collect();
-        let metas: Vec<Option<Metadata>> = order
-            .iter()
-            .map(|&i| Some(train_metas[i].clone()))
-            .collect();
+        let metas: Vec<Option<Metadata>> =
+            order.iter().map(|&i| train_items[i].meta.clone()).collect();
         let mut noise_rng = rng(cfg.run.seed, epoch, 2);
         let grpo = t.algorithm == Algorithm::FlowGrpo;
         let mut trajs: Vec<crate::flow_grpo::Trajectory> = vec![];
@@ -423,7 +482,7 @@ pub fn run_until(
                 let uncond = empty.repeat(ps.len())?;
                 let roll = || {
                     sample(
-                        &pipe.transformer,
+                        pipe.transformer(),
                         s.sampler,
                         &sched,
                         &noise,
@@ -439,7 +498,7 @@ pub fn run_until(
                         .map(|_| randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev))
                         .collect::<Result<Vec<_>>>()?;
                     let tr = crate::flow_grpo::sde_rollout(
-                        &pipe.transformer,
+                        pipe.transformer(),
                         &sched,
                         &noise,
                         &z,
@@ -458,7 +517,7 @@ pub fn run_until(
                     roll()?
                 };
                 // A closed channel means the scorer is gone; its result says why.
-                let _ = tx.send((range.start, tensor_to_images(&x0)?));
+                let _ = tx.send((range.start, pipe.decode(&x0)?));
                 x0s.push(x0);
                 conds.push(cond);
                 bar.inc(s.batch_size as u64);
@@ -546,7 +605,7 @@ pub fn run_until(
             for &j in &js {
                 if let Some(tr) = &traj {
                     let outs = grpo_pass(GrpoPass {
-                        model: &pipe.transformer,
+                        model: pipe.transformer(),
                         sched: &sched,
                         traj: tr,
                         j,
@@ -581,7 +640,7 @@ pub fn run_until(
                 let xt = ((&x0 * (1.0 - sigma as f64))? + (&eps * sigma as f64)?)?;
                 let target = (&eps - &x0)?;
                 let tj = sched.timesteps[j];
-                let m = &pipe.transformer;
+                let m = pipe.transformer();
                 // The frozen velocities over the whole micro-batch (sharded over worker threads
                 // inside); v_old under the EMA-reference weights, swapped in once.
                 let u = (t.kl_cfg > 1.0).then(|| empty.repeat(n)).transpose()?;
@@ -692,8 +751,9 @@ pub fn run_until(
             save(done, &opt, &ema_ref, &ema, wall)?;
             let score = do_eval(done, opt.step, wall, &ema)?;
             println!(
-                "time budget run.max_minutes = {} reached after epoch {epoch}: stopping, final geneval_overall {score:.3}{}",
+                "time budget run.max_minutes = {} reached after epoch {epoch}: stopping{}{}",
                 cfg.run.max_minutes,
+                final_words(score),
                 first_above
                     .map(|e| format!(", first ≥ 0.8 at epoch {e}"))
                     .unwrap_or_default()
@@ -712,14 +772,22 @@ pub fn run_until(
     let wall = wall0 + t0.elapsed().as_secs_f64();
     let final_score = do_eval(cfg.run.num_epochs, opt.step, wall, &ema)?;
     println!(
-        "done: {} epochs in {:.1} min, final geneval_overall {final_score:.3}{}",
+        "done: {} epochs in {:.1} min{}{}",
         cfg.run.num_epochs,
         wall / 60.0,
+        final_words(final_score),
         first_above
             .map(|e| format!(", first ≥ 0.8 at epoch {e}"))
             .unwrap_or_default()
     );
     Ok(())
+}
+
+/// ", final geneval_overall X" when the last evaluation had GenEval verdicts.
+fn final_words(score: Option<f64>) -> String {
+    score
+        .map(|g| format!(", final geneval_overall {g:.3}"))
+        .unwrap_or_default()
 }
 
 /// What one worker's shard of a training pass reports (DGPO or Flow-GRPO): its loss terms, its share

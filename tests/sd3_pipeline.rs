@@ -344,3 +344,67 @@ fn prompt_embeddings_are_cached_on_disk_per_prompt() {
     other.encode(&[p[0]]).unwrap();
     assert_eq!(root.read_dir().unwrap().count(), 2);
 }
+
+#[test]
+fn text_encoders_load_only_for_prompts_missing_from_the_cache_and_are_freed() {
+    let dev = Device::Cpu;
+    let e = expected();
+    let prompts = prompts(&meta());
+    let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
+    let root = common::tiny::tmp("lazy-encoders");
+    let load = || {
+        dgpo::sd3_pipeline::Sd3Pipeline::load_cached(
+            &fx(),
+            &dgpo::model::Trainable::None,
+            16,
+            true,
+            DType::F32,
+            &dev,
+            &root,
+        )
+        .unwrap()
+    };
+    let mut pipe = load();
+    assert!(pipe.text.is_none(), "encoders stay on disk until needed");
+    let err = format!("{:#}", pipe.encode(&[p[0]]).unwrap_err());
+    assert!(err.contains("embedding cache"), "{err}");
+    // Two distinct prompts (one repeated) and the empty one: encoded once each, in batches of 2.
+    assert_eq!(pipe.prepare_prompts(&[p[0], p[1], p[0], ""], 2).unwrap(), 3);
+    assert!(
+        pipe.text.is_none(),
+        "encoders freed after filling the cache"
+    );
+    let got = pipe.encode(&[p[1], p[0]]).unwrap();
+    let want = e["prompt_embeds"].narrow(0, 0, 2).unwrap();
+    let d = common::max_abs_diff(
+        &Tensor::cat(
+            &[
+                got.context.narrow(0, 1, 1).unwrap(),
+                got.context.narrow(0, 0, 1).unwrap(),
+            ],
+            0,
+        )
+        .unwrap(),
+        &want,
+    );
+    assert!(d < 1e-4, "{d:e}");
+    // A second pipeline finds everything in the cache: nothing to encode, nothing loaded.
+    let mut again = load();
+    assert_eq!(again.prepare_prompts(&[p[1], "", p[0]], 2).unwrap(), 0);
+    assert!(again.text.is_none());
+    // A pipeline loaded with its encoders keeps them.
+    let mut eager = dgpo::sd3_pipeline::Sd3Pipeline::load(
+        &fx(),
+        &dgpo::model::Trainable::None,
+        16,
+        true,
+        DType::F32,
+        &dev,
+    )
+    .unwrap()
+    .with_cache(&root)
+    .unwrap();
+    assert_eq!(eager.prepare_prompts(&[p[2]], 4).unwrap(), 1);
+    assert!(eager.text.is_some());
+    std::fs::remove_dir_all(&root).unwrap();
+}
