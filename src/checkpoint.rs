@@ -6,8 +6,9 @@
 use crate::config::Config;
 use crate::model::lora::load_lora;
 use crate::model::weights::{read_safetensors, sai_to_diffusers};
-use crate::model::{LoraSpec, Trainable};
+use crate::model::{LoraSpec, MMDiT, Trainable};
 use crate::pipeline::{is_shapes_pipeline, ShapesPipeline};
+use crate::sd3_pipeline::Sd3Pipeline;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -66,22 +67,59 @@ impl RunCheckpoint {
         PathBuf::from(&self.config.model.pretrained)
     }
 
-    /// Load the run's base pipeline with the checkpoint's trained tensors in place (adapters kept
-    /// separate, not merged).
-    pub fn load_pipeline(&self, dev: &Device) -> Result<ShapesPipeline> {
-        let base = self.base();
+    /// Whether the run fine-tuned an SD3 / SD3.5 pipeline (rather than a shapes pipeline).
+    pub fn is_sd3(&self) -> Result<bool> {
+        Ok(crate::sd3_pipeline::is_sd3_pipeline(
+            &crate::sd3_pipeline::resolve_pretrained(&self.config)?,
+        ))
+    }
+
+    /// The transformer of an SD3 run's base with the checkpoint's trained tensors in place (no text
+    /// encoders, no VAE): what exports need. Frozen weights in f32 on the CPU, `model.dtype` on CUDA.
+    pub fn load_sd3_transformer(&self, dev: &Device) -> Result<MMDiT> {
+        let base = crate::sd3_pipeline::resolve_pretrained(&self.config)?;
         let trainable = match self.lora_spec() {
             Some(spec) => Trainable::Lora { spec, seed: 0 },
             None => Trainable::Full,
         };
-        let pipe = ShapesPipeline::load(&base, &trainable, dev).with_context(|| {
+        let dtype = if dev.is_cpu() {
+            candle_core::DType::F32
+        } else {
+            self.config.model.dtype.candle()
+        };
+        let m = crate::model::load_transformer(
+            &crate::model::WeightSource::Diffusers(base.join("transformer")),
+            &trainable,
+            dtype,
+            dev,
+        )
+        .with_context(|| format!("{}/transformer", base.display()))?;
+        set_trainable(&m, &self.tensors).with_context(|| {
+            format!(
+                "checkpoint {} (on base {})",
+                self.dir.display(),
+                base.display()
+            )
+        })?;
+        Ok(m)
+    }
+
+    /// Load the run's base pipeline with the checkpoint's trained tensors in place (adapters kept
+    /// separate, not merged).
+    pub fn load_pipeline<P: BasePipeline>(&self, dev: &Device) -> Result<P> {
+        let base = P::base_of(&self.config)?;
+        let trainable = match self.lora_spec() {
+            Some(spec) => Trainable::Lora { spec, seed: 0 },
+            None => Trainable::Full,
+        };
+        let pipe = P::load_base(&self.config, &base, &trainable, dev).with_context(|| {
             format!(
                 "loading the base model {} of the run checkpoint {}",
                 base.display(),
                 self.dir.display()
             )
         })?;
-        set_trainable(&pipe, &self.tensors).with_context(|| {
+        set_trainable(pipe.transformer(), &self.tensors).with_context(|| {
             format!(
                 "checkpoint {} (on base {})",
                 self.dir.display(),
@@ -92,10 +130,58 @@ impl RunCheckpoint {
     }
 }
 
-/// Put `tensors` (by trainable name) into the pipeline's trainable variables; every variable must be
-/// given and nothing else.
-pub fn set_trainable(pipe: &ShapesPipeline, tensors: &HashMap<String, Tensor>) -> Result<()> {
-    let vars = pipe.transformer.trainable_vars();
+/// A pipeline that `--checkpoint` values build on: the shapes pipeline or an SD3 / SD3.5 pipeline.
+pub trait BasePipeline: Sized {
+    /// The base folder a config names (`model.pretrained`; a hub id resolved for SD3).
+    fn base_of(cfg: &Config) -> Result<PathBuf>;
+    /// Whether `path` is a whole pipeline of this kind (a checkpoint value that is its own base).
+    fn is_pipeline(path: &Path) -> bool;
+    /// Load the pipeline in `dir` with `trainable` adapters / weights, as `cfg` asks.
+    fn load_base(cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self>;
+    fn transformer(&self) -> &MMDiT;
+    fn set_transformer(&mut self, m: MMDiT);
+}
+
+impl BasePipeline for ShapesPipeline {
+    fn base_of(cfg: &Config) -> Result<PathBuf> {
+        Ok(PathBuf::from(&cfg.model.pretrained))
+    }
+    fn is_pipeline(path: &Path) -> bool {
+        is_shapes_pipeline(path)
+    }
+    fn load_base(_cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self> {
+        ShapesPipeline::load(dir, trainable, dev)
+    }
+    fn transformer(&self) -> &MMDiT {
+        &self.transformer
+    }
+    fn set_transformer(&mut self, m: MMDiT) {
+        self.transformer = m;
+    }
+}
+
+impl BasePipeline for Sd3Pipeline {
+    fn base_of(cfg: &Config) -> Result<PathBuf> {
+        crate::sd3_pipeline::resolve_pretrained(cfg)
+    }
+    fn is_pipeline(path: &Path) -> bool {
+        crate::sd3_pipeline::is_sd3_pipeline(path)
+    }
+    fn load_base(cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self> {
+        crate::sd3_pipeline::load_from_config(cfg, dir, trainable, dev)
+    }
+    fn transformer(&self) -> &MMDiT {
+        &self.transformer
+    }
+    fn set_transformer(&mut self, m: MMDiT) {
+        self.transformer = m;
+    }
+}
+
+/// Put `tensors` (by trainable name) into the transformer's trainable variables; every variable must
+/// be given and nothing else.
+pub fn set_trainable(transformer: &MMDiT, tensors: &HashMap<String, Tensor>) -> Result<()> {
+    let vars = transformer.trainable_vars();
     for (name, var) in &vars {
         let t = tensors
             .get(name)
@@ -214,14 +300,17 @@ pub enum SourceKind {
 }
 
 /// A model ready to sample, with a description of where it came from.
-pub struct LoadedModel {
-    pub pipe: ShapesPipeline,
+pub struct Loaded<P> {
+    pub pipe: P,
     pub kind: SourceKind,
     /// The path given (or the base model's).
     pub path: PathBuf,
     /// The base pipeline it builds on.
     pub base: PathBuf,
 }
+
+/// A shapes-testbed model ready to sample.
+pub type LoadedModel = Loaded<ShapesPipeline>;
 
 fn safetensors_keys(file: &Path) -> Result<Vec<String>> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
@@ -248,11 +337,32 @@ pub fn load_model(
     weights: WeightsChoice,
     dev: &Device,
 ) -> Result<LoadedModel> {
-    let base = PathBuf::from(&cfg.model.pretrained);
+    load_any(cfg, checkpoint, weights, dev)
+}
+
+/// As [`load_model`] on an SD3 / SD3.5 base: the base pipeline (a folder or a hub id), a run that
+/// fine-tuned one, a LoRA, a single file or a diffusers transformer folder for the config's base, or
+/// another SD3 pipeline folder.
+pub fn load_sd3_model(
+    cfg: &Config,
+    checkpoint: Option<&Path>,
+    weights: WeightsChoice,
+    dev: &Device,
+) -> Result<Loaded<Sd3Pipeline>> {
+    load_any(cfg, checkpoint, weights, dev)
+}
+
+fn load_any<P: BasePipeline>(
+    cfg: &Config,
+    checkpoint: Option<&Path>,
+    weights: WeightsChoice,
+    dev: &Device,
+) -> Result<Loaded<P>> {
+    let base = P::base_of(cfg)?;
     let Some(path) = checkpoint else {
-        let pipe = ShapesPipeline::load(&base, &Trainable::None, dev)
+        let pipe = P::load_base(cfg, &base, &Trainable::None, dev)
             .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?;
-        return Ok(LoadedModel {
+        return Ok(Loaded {
             pipe,
             kind: SourceKind::Base,
             path: base.clone(),
@@ -264,8 +374,8 @@ pub fn load_model(
     }
     if let Some(dir) = run_checkpoint_dir(path)? {
         let ck = read_run_checkpoint(&dir, weights, dev)?;
-        let pipe = ck.load_pipeline(dev)?;
-        return Ok(LoadedModel {
+        let pipe = ck.load_pipeline::<P>(dev)?;
+        return Ok(Loaded {
             pipe,
             kind: SourceKind::Run {
                 epoch: ck.epoch,
@@ -275,9 +385,9 @@ pub fn load_model(
             base: ck.base(),
         });
     }
-    if is_shapes_pipeline(path) {
-        let pipe = ShapesPipeline::load(path, &Trainable::None, dev)?;
-        return Ok(LoadedModel {
+    if P::is_pipeline(path) {
+        let pipe = P::load_base(cfg, path, &Trainable::None, dev)?;
+        return Ok(Loaded {
             pipe,
             kind: SourceKind::Pipeline,
             path: path.to_path_buf(),
@@ -285,7 +395,7 @@ pub fn load_model(
         });
     }
     let load_base = |trainable: &Trainable| {
-        ShapesPipeline::load(&base, trainable, dev).with_context(|| {
+        P::load_base(cfg, &base, trainable, dev).with_context(|| {
             format!(
                 "loading the base model {} (model.pretrained) for {}",
                 base.display(),
@@ -307,10 +417,10 @@ pub fn load_model(
             seed: 0,
         };
         let pipe = load_base(&trainable)?;
-        pipe.transformer.set_lora(&lf.modules).with_context(|| {
+        pipe.transformer().set_lora(&lf.modules).with_context(|| {
             format!("applying the LoRA {} to {}", path.display(), base.display())
         })?;
-        return Ok(LoadedModel {
+        return Ok(Loaded {
             pipe,
             kind: SourceKind::Lora,
             path: path.to_path_buf(),
@@ -318,7 +428,7 @@ pub fn load_model(
         });
     }
     let mut pipe = load_base(&Trainable::None)?;
-    let tcfg = pipe.transformer.cfg.clone();
+    let tcfg = pipe.transformer().cfg.clone();
     let (kind, tensors) = if path.is_dir() {
         let src = crate::model::weights::WeightSource::from_path(path, None)?;
         (
@@ -333,15 +443,13 @@ pub fn load_model(
             sai_to_diffusers(raw, tcfg.num_layers, &src)?,
         )
     };
-    pipe.transformer = crate::model::MMDiT::new(
+    // Frozen weights in the dtype the base was loaded in (f32 on the CPU, model.dtype on CUDA).
+    let dtype = pipe.transformer().dtype();
+    let m = crate::model::MMDiT::new(
         &tcfg,
-        crate::model::weights::WeightStore::new(
-            path.display().to_string(),
-            tensors,
-            candle_core::DType::F32,
-        ),
+        crate::model::weights::WeightStore::new(path.display().to_string(), tensors, dtype),
         &Trainable::None,
-        candle_core::DType::F32,
+        dtype,
     )
     .with_context(|| {
         format!(
@@ -350,7 +458,8 @@ pub fn load_model(
             base.display()
         )
     })?;
-    Ok(LoadedModel {
+    pipe.set_transformer(m);
+    Ok(Loaded {
         pipe,
         kind,
         path: path.to_path_buf(),

@@ -245,31 +245,59 @@ pub fn run_cli(
         .test
         .as_ref()
         .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
-    let metas = crate::geneval::read_metadata(test)?;
-    let loaded =
-        crate::checkpoint::load_model(cfg, checkpoint, crate::checkpoint::WeightsChoice::Ema, dev)
+    let items = crate::sample::read_prompt_file(test)?;
+    let ema = crate::checkpoint::WeightsChoice::Ema;
+    // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server).
+    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
+    let (sd3, shapes, rewards) = if crate::sd3_pipeline::is_sd3_pipeline(&base) {
+        let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
+        rewards.check()?;
+        let mut m = crate::checkpoint::load_sd3_model(cfg, checkpoint, ema, dev)
             .context("loading the model to evaluate")?;
-    let dir = loaded.path.clone();
-    let pipe = loaded.pipe;
-    for m in &metas {
-        pipe.tokenizer
-            .encode(&m.prompt)
-            .with_context(|| format!("test prompt in {}", test.display()))?;
+        let mut texts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
+        texts.push("");
+        m.pipe.prepare_prompts(&texts, settings.batch_size)?;
+        (Some(m), None, Some(rewards))
+    } else {
+        let m = crate::checkpoint::load_model(cfg, checkpoint, ema, dev)
+            .context("loading the model to evaluate")?;
+        (None, Some(m), None)
+    };
+    let (pipe, dir): (&dyn Generator, &std::path::Path) = match (&sd3, &shapes) {
+        (Some(m), _) => (&m.pipe, &m.path),
+        (None, Some(m)) => (&m.pipe, &m.path),
+        (None, None) => unreachable!("one model is loaded"),
+    };
+    for (i, it) in items.iter().enumerate() {
+        pipe.check_prompt(&it.prompt)
+            .with_context(|| format!("test prompt {} of {}", i + 1, test.display()))?;
     }
     tracing::info!(
-        prompts = metas.len(),
+        prompts = items.len(),
         images_per_prompt = settings.images_per_prompt,
         steps = settings.num_steps,
         cfg = settings.guidance,
         "evaluating {}",
         dir.display()
     );
-    let r = evaluate(&pipe, &metas, &settings, Weights::PolicyNoGrad, true)?;
+    let r = evaluate_prompts(
+        pipe,
+        &items,
+        &settings,
+        Weights::PolicyNoGrad,
+        true,
+        rewards.as_ref(),
+    )?;
+    if !r.geneval {
+        println!(
+            "(no GenEval verdicts: no reward module reports strict_accuracy; only rewards count)"
+        );
+    }
     println!("{}", r.summary.table());
     println!(
         "{} images of {} prompts in {:.1} s",
         r.images.len(),
-        metas.len(),
+        items.len(),
         r.wall_s
     );
     if let Some(j) = json {

@@ -141,7 +141,25 @@ pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
         )
     })?;
     let ck = read_run_checkpoint(&dir, args.weights, dev)?;
-    let pipe = ck.load_pipeline(dev)?;
+    // An SD3 run needs only its transformer (plus, for a pipeline folder, the base's other files); a
+    // shapes run's pipeline is small and is written whole.
+    let sd3_base = if ck.is_sd3()? {
+        Some(crate::sd3_pipeline::resolve_pretrained(&ck.config)?)
+    } else {
+        None
+    };
+    let (shapes, sd3_transformer) = match &sd3_base {
+        Some(_) => (None, Some(ck.load_sd3_transformer(dev)?)),
+        None => (
+            Some(ck.load_pipeline::<crate::pipeline::ShapesPipeline>(dev)?),
+            None,
+        ),
+    };
+    let transformer = match (&shapes, &sd3_transformer) {
+        (Some(p), _) => &p.transformer,
+        (None, Some(m)) => m,
+        (None, None) => unreachable!("one of the two is loaded"),
+    };
     let dtype = args.dtype.candle();
     let meta = header(&ck, args.format);
     if let Some(parent) = args.out.parent().filter(|p| !p.as_os_str().is_empty()) {
@@ -159,7 +177,7 @@ pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
             })?;
             let mut t = HashMap::new();
             let mut modules = vec![];
-            for l in pipe.transformer.linears() {
+            for l in transformer.linears() {
                 if let Some(ad) = &l.lora {
                     let a = ad.a.as_tensor().detach();
                     let b = (ad.b.as_tensor().detach() * ad.scale)?;
@@ -196,16 +214,32 @@ pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
             (vec![args.out.clone()], n)
         }
         ExportFormat::Diffusers => {
-            pipe.save_with(&args.out, &meta, dtype, true, args.max_shard_bytes)?;
+            let n = match (&shapes, &sd3_base) {
+                (Some(pipe), _) => {
+                    pipe.save_with(&args.out, &meta, dtype, true, args.max_shard_bytes)?;
+                    pipe.transformer.merged_state_dict()?.len() + pipe.text.tensors().len()
+                }
+                (None, Some(base)) => {
+                    sd3_pipeline_folder(
+                        base,
+                        transformer,
+                        &args.out,
+                        &meta,
+                        dtype,
+                        args.max_shard_bytes,
+                    )?;
+                    transformer.merged_state_dict()?.len()
+                }
+                (None, None) => unreachable!("one of the two is loaded"),
+            };
             let mut files = vec![];
             collect_files(&args.out, &mut files)?;
             files.sort();
-            let n = pipe.transformer.merged_state_dict()?.len() + pipe.text.tensors().len();
             (files, n)
         }
         ExportFormat::SingleFile => {
-            let merged = pipe.transformer.merged_state_dict()?;
-            let sai = diffusers_to_sai(&merged, pipe.transformer.cfg.num_layers)?;
+            let merged = transformer.merged_state_dict()?;
+            let sai = diffusers_to_sai(&merged, transformer.cfg.num_layers)?;
             let t: HashMap<String, Tensor> = sai.into_iter().collect();
             let n = t.len();
             save_safetensors(&args.out, &cast(t, dtype)?, Some(meta))?;
@@ -218,6 +252,63 @@ pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
         tensors,
         bytes,
     })
+}
+
+/// An SD3 pipeline folder with the fine-tuned (merged) transformer: `transformer/` written anew, every
+/// other file of the base (text encoders, tokenizers, VAE, scheduler, `model_index.json`) hard-linked
+/// where the file system allows it and copied otherwise. Written to a staging folder, then renamed.
+fn sd3_pipeline_folder(
+    base: &Path,
+    transformer: &crate::model::MMDiT,
+    out: &Path,
+    meta: &HashMap<String, String>,
+    dtype: DType,
+    max_shard_bytes: usize,
+) -> Result<()> {
+    /// A file: hard link where the file system allows it, else a copy. Hub snapshots hold symlinks
+    /// into the blob store, so the file they point to is linked.
+    fn link_or_copy(from: &Path, to: &Path) -> Result<()> {
+        let real = from
+            .canonicalize()
+            .with_context(|| format!("resolving {}", from.display()))?;
+        if std::fs::hard_link(&real, to).is_err() {
+            std::fs::copy(&real, to)
+                .with_context(|| format!("copying {} to {}", real.display(), to.display()))?;
+        }
+        Ok(())
+    }
+    /// Everything in `src` but `skip`, into `dst`.
+    fn link_tree(src: &Path, dst: &Path, skip: &str) -> Result<()> {
+        std::fs::create_dir_all(dst).with_context(|| format!("creating {}", dst.display()))?;
+        for e in std::fs::read_dir(src).with_context(|| format!("listing {}", src.display()))? {
+            let e = e?;
+            let name = e.file_name();
+            if name == skip || name.to_string_lossy().starts_with('.') {
+                continue;
+            }
+            let (from, to) = (e.path(), dst.join(&name));
+            if from.is_dir() {
+                link_tree(&from, &to, "")?;
+            } else {
+                link_or_copy(&from, &to)?;
+            }
+        }
+        Ok(())
+    }
+    if let Some(parent) = out.parent().filter(|p| !p.as_os_str().is_empty()) {
+        std::fs::create_dir_all(parent)?;
+    }
+    let stage = crate::io::staging_dir(out)?;
+    link_tree(base, &stage, "transformer")?;
+    crate::pipeline::write_transformer_folder(
+        &stage.join("transformer"),
+        transformer,
+        true,
+        dtype,
+        max_shard_bytes,
+        meta,
+    )?;
+    crate::io::replace_dir(&stage, out)
 }
 
 fn collect_files(dir: &Path, out: &mut Vec<PathBuf>) -> Result<()> {

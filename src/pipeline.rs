@@ -133,23 +133,13 @@ impl ShapesPipeline {
             &s.join("model_index.json"),
             serde_json::to_string_pretty(&index)?.as_bytes(),
         )?;
-        let mut tc = serde_json::to_value(&self.transformer.cfg)?;
-        tc["_class_name"] = "SD3Transformer2DModel".into();
-        write_atomic(
-            &s.join("transformer/config.json"),
-            serde_json::to_string_pretty(&tc)?.as_bytes(),
-        )?;
-        let weights = if merge_lora {
-            self.transformer.merged_state_dict()?
-        } else {
-            self.transformer.state_dict()?
-        };
-        crate::io::save_safetensors_sharded(
+        write_transformer_folder(
             &s.join("transformer"),
-            "diffusion_pytorch_model",
-            &cast(weights)?,
+            &self.transformer,
+            merge_lora,
+            dtype,
             max_shard_bytes,
-            Some(metadata.clone()),
+            metadata,
         )?;
         write_atomic(
             &s.join("text_encoder/config.json"),
@@ -190,6 +180,41 @@ impl ShapesPipeline {
         let c = &self.transformer.cfg;
         (c.in_channels, c.sample_size, c.sample_size)
     }
+}
+
+/// A diffusers `SD3Transformer2DModel` folder: `config.json` and the weights (adapters merged when
+/// `merge_lora`), stored in `dtype` and sharded above `max_shard_bytes` as diffusers shards them.
+pub fn write_transformer_folder(
+    dir: &Path,
+    m: &MMDiT,
+    merge_lora: bool,
+    dtype: DType,
+    max_shard_bytes: usize,
+    metadata: &HashMap<String, String>,
+) -> Result<()> {
+    let mut tc = serde_json::to_value(&m.cfg)?;
+    tc["_class_name"] = "SD3Transformer2DModel".into();
+    write_atomic(
+        &dir.join("config.json"),
+        serde_json::to_string_pretty(&tc)?.as_bytes(),
+    )?;
+    let weights = if merge_lora {
+        m.merged_state_dict()?
+    } else {
+        m.state_dict()?
+    };
+    let weights = weights
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.to_dtype(dtype)?)))
+        .collect::<Result<HashMap<_, _>>>()?;
+    crate::io::save_safetensors_sharded(
+        dir,
+        "diffusion_pytorch_model",
+        &weights,
+        max_shard_bytes,
+        Some(metadata.clone()),
+    )?;
+    Ok(())
 }
 
 fn check_fit(t: &TransformerConfig, e: &TextEncoderConfig, tok: &ShapesTokenizer) -> Result<()> {

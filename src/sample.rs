@@ -12,13 +12,13 @@
 //! * `noise.safetensors` — the initial noise used (`noise`, `[n_images, C, H, W]`, prompt-major), so
 //!   another implementation or a later run can start from exactly the same noise (`--noise`).
 
-use crate::checkpoint::{load_model, LoadedModel, WeightsChoice};
+use crate::checkpoint::{load_model, Loaded, LoadedModel, WeightsChoice};
 use crate::config::{Config, Sampler};
 use crate::eval::eval_noise;
+use crate::generator::Generator;
 use crate::geneval::{read_metadata, summarize, Metadata};
 use crate::io::{append_jsonl, save_safetensors, write_atomic};
 use crate::model::Weights;
-use crate::pipeline::tensor_to_images;
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule};
 use crate::shapes::{score_image, Image};
@@ -152,7 +152,7 @@ pub fn read_noise(
     }
 }
 
-fn label(m: &LoadedModel) -> String {
+fn label<P>(m: &Loaded<P>) -> String {
     match &m.kind {
         crate::checkpoint::SourceKind::Base => format!("base ({})", m.path.display()),
         crate::checkpoint::SourceKind::Run { epoch, weights } => {
@@ -169,48 +169,36 @@ fn html_escape(s: &str) -> String {
         .replace('"', "&quot;")
 }
 
-/// Sample `prompts` × `images_per_prompt` from `noise` (prompt-major) with one model.
-/// A model to sample from: a shapes pipeline (with whatever checkpoint was applied) or an SD3 / SD3.5
-/// diffusers pipeline.
+/// A model to sample from: a shapes pipeline or an SD3 / SD3.5 diffusers pipeline, with whatever
+/// checkpoint was applied.
 enum Model {
     Shapes(Box<LoadedModel>),
-    Sd3 {
-        pipe: Box<crate::sd3_pipeline::Sd3Pipeline>,
-        path: PathBuf,
-    },
+    Sd3(Box<Loaded<crate::sd3_pipeline::Sd3Pipeline>>),
 }
 
 impl Model {
     fn label(&self) -> String {
         match self {
             Model::Shapes(m) => label(m),
-            Model::Sd3 { path, .. } => format!("base ({})", path.display()),
+            Model::Sd3(m) => label(m),
         }
     }
 
     fn path(&self) -> &Path {
         match self {
             Model::Shapes(m) => &m.path,
-            Model::Sd3 { path, .. } => path,
+            Model::Sd3(m) => &m.path,
         }
     }
 
-    /// Shape of the initial noise.
-    fn noise_shape(&self) -> (usize, usize, usize) {
+    fn generator(&self) -> &dyn Generator {
         match self {
-            Model::Shapes(m) => m.pipe.image_shape(),
-            Model::Sd3 { pipe, .. } => pipe.latent_shape(),
+            Model::Shapes(m) => &m.pipe,
+            Model::Sd3(m) => &m.pipe,
         }
     }
 
-    fn check_prompt(&self, prompt: &str) -> Result<()> {
-        match self {
-            Model::Shapes(m) => m.pipe.tokenizer.encode(prompt).map(|_| ()),
-            // CLIP and T5 tokenizers take any text (truncating it).
-            Model::Sd3 { .. } => Ok(()),
-        }
-    }
-
+    /// Sample `prompts` × `images_per_prompt` from `noise` (prompt-major).
     fn sample_all(
         &self,
         prompts: &[PromptItem],
@@ -218,31 +206,29 @@ impl Model {
         a: &SampleArgs,
         bar: &indicatif::ProgressBar,
     ) -> Result<Vec<Image>> {
-        match self {
-            Model::Shapes(m) => {
-                let pipe = &m.pipe;
-                let sched = schedule(a.sampler, a.steps, a.shift);
-                let empty = pipe.encode(&[""])?;
-                in_batches(prompts, noise, a, bar, |texts, noise| {
-                    let cond = pipe.encode(texts)?;
-                    let uncond = empty.repeat(texts.len())?;
-                    let x0 = sample(
-                        &pipe.transformer,
-                        a.sampler,
-                        &sched,
-                        noise,
-                        &cond,
-                        Some(&uncond),
-                        a.guidance,
-                        Weights::PolicyNoGrad,
-                    )?;
-                    tensor_to_images(&x0)
-                })
-            }
-            Model::Sd3 { pipe, .. } => in_batches(prompts, noise, a, bar, |texts, noise| {
-                pipe.generate(texts, noise, a.sampler, a.steps, a.shift, a.guidance)
-            }),
-        }
+        let g = self.generator();
+        let sched = schedule(a.sampler, a.steps, a.shift);
+        let empty = g.encode(&[""])?;
+        in_batches(prompts, noise, a, bar, |texts, noise| {
+            let cond = g.encode(texts)?;
+            // CFG against the empty prompt; none at guidance ≤ 1, as diffusers.
+            let uncond = if a.guidance > 1.0 {
+                Some(empty.repeat(texts.len())?)
+            } else {
+                None
+            };
+            let x0 = sample(
+                g.transformer(),
+                a.sampler,
+                &sched,
+                noise,
+                &cond,
+                uncond.as_ref(),
+                a.guidance,
+                Weights::PolicyNoGrad,
+            )?;
+            g.decode(&x0)
+        })
     }
 }
 
@@ -358,40 +344,32 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
     for s in &sources {
         let m = match s {
-            None if crate::sd3_pipeline::is_sd3_pipeline(&base) => {
-                let mut pipe = crate::sd3_pipeline::load_from_config(
-                    cfg,
-                    &base,
-                    &crate::model::Trainable::None,
-                    dev,
-                )?;
+            _ if crate::sd3_pipeline::is_sd3_pipeline(&base) => {
+                let mut m = crate::checkpoint::load_sd3_model(cfg, *s, a.weights, dev)?;
                 let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
                 texts.push("");
-                pipe.prepare_prompts(&texts, a.batch_size)?;
-                Model::Sd3 {
-                    pipe: Box::new(pipe),
-                    path: base.clone(),
-                }
+                m.pipe.prepare_prompts(&texts, a.batch_size)?;
+                Model::Sd3(Box::new(m))
             }
-            Some(_) if crate::sd3_pipeline::is_sd3_pipeline(&base) => bail!(
-                "--checkpoint on an SD3 pipeline base is not supported yet: sample the base \
-                 pipeline (no --checkpoint), or a shapes-testbed run"
-            ),
             _ => Model::Shapes(Box::new(load_model(cfg, *s, a.weights, dev)?)),
         };
         for (i, p) in prompts.iter().enumerate() {
-            m.check_prompt(&p.prompt)
+            m.generator()
+                .check_prompt(&p.prompt)
                 .with_context(|| format!("prompt {} ({:?}) of {source}", i + 1, p.prompt))?;
         }
         models.push(m);
     }
-    let shape = models[0].noise_shape();
-    if let Some(m) = models.iter().find(|m| m.noise_shape() != shape) {
+    let shape = models[0].generator().latent_shape();
+    if let Some(m) = models
+        .iter()
+        .find(|m| m.generator().latent_shape() != shape)
+    {
         bail!(
             "{} samples images of shape {:?} but {} of {:?}: models compared side by side must share \
              their image size",
             m.label(),
-            m.noise_shape(),
+            m.generator().latent_shape(),
             models[0].label(),
             shape
         );

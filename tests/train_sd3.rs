@@ -60,6 +60,7 @@ batch_size = 2
 learning_rate = 1e-2
 trunc_steps = 2
 num_train_timesteps = 2
+ema_every = 1
 [prompts]
 {prompts}
 {rewards}
@@ -68,6 +69,15 @@ num_train_timesteps = 2
         d = dir.display()
     );
     Config::from_toml(&text, "tiny-sd3", &[]).unwrap()
+}
+
+/// A CLIP score reward on the tiny random CLIP of `tests/fixtures/clip` (continuous, so groups of
+/// tiny images differ; JPEG sizes of 16×16 images often tie).
+fn clip_reward() -> String {
+    format!(
+        "[[reward]]\nkind = \"clip_score\"\nmodel = \"{m}\"\nprocessor = \"{m}\"",
+        m = root().join("tests/fixtures/clip/gelu").display()
+    )
 }
 
 fn cache_entries(dir: &Path) -> usize {
@@ -106,7 +116,10 @@ fn sd3_pipeline_trains_with_geneval_metadata_and_resumes_exactly() {
             "train = \"{d}/train.jsonl\"\ntest = \"{d}/test.jsonl\"",
             d = dir.display()
         ),
-        "[[reward]]\nkind = \"shapes_geneval\"\n[[reward]]\nkind = \"jpeg_compressibility\"\nweight = 0.1",
+        &format!(
+            "[[reward]]\nkind = \"shapes_geneval\"\n[[reward]]\nkind = \"jpeg_compressibility\"\nweight = 0.1\n{}",
+            clip_reward()
+        ),
     );
     let dev = Device::Cpu;
     let a = dir.join("a");
@@ -127,6 +140,7 @@ fn sd3_pipeline_trains_with_geneval_metadata_and_resumes_exactly() {
             "{t}"
         );
         assert!(t.get("reward/jpeg_compressibility").is_some(), "{t}");
+        assert!(t["grad_norm"].as_f64().unwrap() > 0.0, "{t}");
     }
     for e in &evals {
         // GenEval verdicts come from the shapes_geneval module's sub-metrics.
@@ -199,5 +213,102 @@ fn sd3_pipeline_trains_on_plain_prompt_files_without_geneval_scores() {
     );
     assert!(e.contains("resolution") && e.contains("16"), "{e}");
     assert!(!dir.join("x").exists(), "nothing written for a refused run");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// The transformer's velocity on fixed inputs (latents, timesteps, the pipeline's own embeddings).
+fn probe(p: &mut dgpo::sd3_pipeline::Sd3Pipeline) -> candle_core::Tensor {
+    use dgpo::generator::Generator;
+    let dev = Device::Cpu;
+    let (c, h, w) = p.latent_shape();
+    let x = candle_core::Tensor::arange(0f32, (2 * c * h * w) as f32, &dev)
+        .unwrap()
+        .reshape((2, c, h, w))
+        .unwrap()
+        .affine(1e-2, -0.5)
+        .unwrap()
+        .sin()
+        .unwrap();
+    let t = candle_core::Tensor::new(&[900f32, 250.], &dev).unwrap();
+    let prompts = ["a red circle", "a blue square"];
+    p.prepare_prompts(&prompts, 2).unwrap();
+    let cond = Generator::encode(p, &prompts).unwrap();
+    p.transformer
+        .forward(
+            &x,
+            &t,
+            &cond.context,
+            &cond.pooled,
+            dgpo::model::Weights::PolicyNoGrad,
+        )
+        .unwrap()
+}
+
+#[test]
+fn sd3_runs_sample_evaluate_and_export() {
+    use dgpo::checkpoint::{load_sd3_model, WeightsChoice};
+    use dgpo::export::{export, ExportArgs, ExportDtype, ExportFormat};
+    let dir = tmp("sd3-export");
+    std::fs::write(dir.join("train.txt"), "a red circle\na blue square\n").unwrap();
+    let prompts = format!(
+        "train = \"{d}/train.txt\"\ntest = \"{d}/train.txt\"",
+        d = dir.display()
+    );
+    let mut cfg = config(&dir, &prompts, &clip_reward());
+    cfg.run.num_epochs = 2;
+    cfg.train.learning_rate = 5e-2;
+    let dev = Device::Cpu;
+    let run = dir.join("run");
+    dgpo::train::run(&cfg, &run, false, &dev).unwrap();
+
+    let mut base = load_sd3_model(&cfg, None, WeightsChoice::Ema, &dev).unwrap();
+    let mut trained = load_sd3_model(&cfg, Some(&run), WeightsChoice::Ema, &dev).unwrap();
+    let (pb, want) = (probe(&mut base.pipe), probe(&mut trained.pipe));
+    assert!(
+        common::max_abs_diff(&pb, &want) > 1e-6,
+        "the run changed the model"
+    );
+    let ex = |format, out: std::path::PathBuf| {
+        export(
+            &ExportArgs {
+                checkpoint: run.clone(),
+                format,
+                dtype: ExportDtype::F32,
+                weights: WeightsChoice::Ema,
+                out,
+                max_shard_bytes: usize::MAX,
+            },
+            &dev,
+        )
+        .unwrap()
+    };
+    // Each export loads back (on the config's SD3 base where it is not a whole pipeline) with the
+    // run's outputs.
+    let lora = dir.join("lora.safetensors");
+    ex(ExportFormat::Lora, lora.clone());
+    let folder = dir.join("merged");
+    ex(ExportFormat::Diffusers, folder.clone());
+    assert!(dgpo::sd3_pipeline::is_sd3_pipeline(&folder));
+    assert!(folder.join("text_encoder_3/config.json").exists());
+    let single = dir.join("single.safetensors");
+    ex(ExportFormat::SingleFile, single.clone());
+    for p in [&lora, &folder, &single] {
+        let mut m = load_sd3_model(&cfg, Some(p), WeightsChoice::Ema, &dev).unwrap();
+        let d = common::max_abs_diff(&probe(&mut m.pipe), &want);
+        assert!(d < 1e-4, "{}: {d:e}", p.display());
+    }
+
+    // dgpo sample compares the base and the run side by side; dgpo eval scores the run with the
+    // reward modules.
+    let mut a = dgpo::sample::SampleArgs::from_config(&cfg, dir.join("samples"));
+    a.checkpoints = vec![dir.join("merged"), run.clone()];
+    let summaries = dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    assert_eq!(summaries.len(), 2);
+    assert!(summaries.iter().all(|s| s.reward_mean.is_some()));
+    assert!(dir.join("samples/grid.png").exists());
+    let j = dir.join("eval.json");
+    dgpo::eval::run_cli(&cfg, Some(&run), Some(&j), None, &dev).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
+    assert!(v["reward_mean"].as_f64().is_some(), "{v}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
