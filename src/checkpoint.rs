@@ -244,6 +244,40 @@ pub fn run_checkpoint_dir(path: &Path) -> Result<Option<PathBuf>> {
     }
 }
 
+/// Whether `--checkpoint` (or, without one, the config's base) is an SD3 / SD3.5 model rather than
+/// a shapes-testbed one, decided without loading weights or contacting the hub: a pipeline folder
+/// says what it is, a run folder by its saved config, anything else by `model.pretrained` (a hub
+/// repo id counts as SD3).
+pub fn targets_sd3(cfg: &Config, checkpoint: Option<&Path>) -> Result<bool> {
+    let base_is_sd3 = |pretrained: &str| {
+        crate::hub::is_repo_id(pretrained)
+            || crate::sd3_pipeline::is_sd3_pipeline(Path::new(pretrained))
+    };
+    if let Some(p) = checkpoint {
+        if is_shapes_pipeline(p) {
+            return Ok(false);
+        }
+        if crate::sd3_pipeline::is_sd3_pipeline(p) {
+            return Ok(true);
+        }
+        if let Some(dir) = run_checkpoint_dir(p)? {
+            let sp = dir.join("state.json");
+            let text = std::fs::read_to_string(&sp)
+                .with_context(|| format!("reading {}", sp.display()))?;
+            let st: CheckpointState = serde_json::from_str(&text).with_context(|| {
+                format!("{} is not a dgpo train checkpoint state", sp.display())
+            })?;
+            let run_cfg = Config::from_toml(
+                &st.config,
+                &format!("the config saved in {}", sp.display()),
+                &[],
+            )?;
+            return Ok(base_is_sd3(&run_cfg.model.pretrained));
+        }
+    }
+    Ok(base_is_sd3(&cfg.model.pretrained))
+}
+
 /// Read a run checkpoint folder (`checkpoints/epoch-N`).
 pub fn read_run_checkpoint(
     dir: &Path,
@@ -358,8 +392,8 @@ fn load_any<P: BasePipeline>(
     weights: WeightsChoice,
     dev: &Device,
 ) -> Result<Loaded<P>> {
-    let base = P::base_of(cfg)?;
     let Some(path) = checkpoint else {
+        let base = P::base_of(cfg)?;
         let pipe = P::load_base(cfg, &base, &Trainable::None, dev)
             .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))?;
         return Ok(Loaded {
@@ -394,6 +428,19 @@ fn load_any<P: BasePipeline>(
             base: path.to_path_buf(),
         });
     }
+    if path.is_dir()
+        && !path.join("adapter_config.json").is_file()
+        && !path.join("config.json").is_file()
+    {
+        bail!(
+            "--checkpoint {}: this folder is not a dgpo run (checkpoints/epoch-N), a pipeline folder \
+             (model_index.json), a peft LoRA (adapter_config.json) nor a diffusers transformer folder \
+             (config.json)",
+            path.display()
+        );
+    }
+    // The config's base, for what applies to it (resolved only now: a hub id may download).
+    let base = P::base_of(cfg)?;
     let load_base = |trainable: &Trainable| {
         P::load_base(cfg, &base, trainable, dev).with_context(|| {
             format!(

@@ -190,6 +190,12 @@ impl Default for SampleConfig {
 pub struct TrainConfig {
     /// Images per training micro-batch; holds whole groups.
     pub batch_size: usize,
+    /// DGPO: images per backward pass (0 = the whole micro-batch, split over the worker threads).
+    /// Smaller values bound the update's activation memory: a forward without graph over the
+    /// micro-batch gives the loss and each image's weight in its gradient, then the images are
+    /// differentiated this many at a time with those weights fixed. The gradient is the same; the
+    /// price is one extra forward.
+    pub backward_chunk: usize,
     pub learning_rate: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -273,6 +279,7 @@ impl Default for TrainConfig {
             switch_ema_ref: 500,
             ema_decay: 0.9,
             ema_every: 8,
+            backward_chunk: 0,
             algorithm: Algorithm::Dgpo,
             noise_level: 0.7,
             timestep_fraction: 0.99,
@@ -630,6 +637,19 @@ impl Config {
         need(
             t.ema_every >= 1,
             "train.ema_every must be at least 1".into(),
+        );
+        need(
+            t.backward_chunk <= t.batch_size,
+            format!(
+                "train.backward_chunk = {} is larger than train.batch_size = {} (0 = the whole \
+                 micro-batch)",
+                t.backward_chunk, t.batch_size
+            ),
+        );
+        need(
+            t.backward_chunk == 0 || t.algorithm == Algorithm::Dgpo,
+            "train.backward_chunk applies to the DGPO update only (train.algorithm = \"dgpo\")"
+                .into(),
         );
         if t.algorithm == Algorithm::FlowGrpo {
             need(

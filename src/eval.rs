@@ -248,12 +248,11 @@ pub fn run_cli(
     let items = crate::sample::read_prompt_file(test)?;
     let ema = crate::checkpoint::WeightsChoice::Ema;
     // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server).
-    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
-    let (sd3, shapes, rewards) = if crate::sd3_pipeline::is_sd3_pipeline(&base) {
-        let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
-        rewards.check()?;
+    let (sd3, shapes, rewards) = if crate::checkpoint::targets_sd3(cfg, checkpoint)? {
         let mut m = crate::checkpoint::load_sd3_model(cfg, checkpoint, ema, dev)
             .context("loading the model to evaluate")?;
+        let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
+        rewards.check()?;
         let mut texts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
         texts.push("");
         m.pipe.prepare_prompts(&texts, settings.batch_size)?;

@@ -28,7 +28,7 @@ pub struct ModelPlan {
     pub image_tokens: usize,
     pub text_tokens: usize,
     /// Bytes: frozen weights, trainable state (values, gradients, two Adam moments, two EMAs),
-    /// activations kept for one training micro-batch.
+    /// activations kept for one backward pass (the micro-batch, or `train.backward_chunk` images).
     pub weights_bytes: usize,
     pub trainable_bytes: usize,
     pub activation_bytes: usize,
@@ -199,7 +199,12 @@ fn model_plan(cfg: &Config, source: PathBuf, m: &TransformerConfig) -> ModelPlan
     let d = m.inner_dim();
     // Kept per layer and sample: ~24 token-width tensors (norms, q/k/v, MLP ×4 …) and two attention maps.
     let per_layer = tokens * d * 24 + 2 * m.num_attention_heads * tokens * tokens;
-    let activation = cfg.train.batch_size * m.num_layers * per_layer * 4;
+    // Images differentiated at once: the micro-batch, or train.backward_chunk of it.
+    let at_once = match cfg.train.backward_chunk {
+        0 => cfg.train.batch_size,
+        c => c.min(cfg.train.batch_size),
+    };
+    let activation = at_once * m.num_layers * per_layer * 4;
     let mut weights = base * cfg.model.dtype.bytes();
     if !cfg.lora.enabled {
         weights += m.num_params() * cfg.model.dtype.bytes(); // the frozen reference copy

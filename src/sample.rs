@@ -340,11 +340,9 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         a.checkpoints.iter().map(|p| Some(p.as_path())).collect()
     };
     let mut models = Vec::with_capacity(sources.len());
-    // A hub id (e.g. stabilityai/stable-diffusion-3.5-medium) is resolved through the cache.
-    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
     for s in &sources {
         let m = match s {
-            _ if crate::sd3_pipeline::is_sd3_pipeline(&base) => {
+            _ if crate::checkpoint::targets_sd3(cfg, *s)? => {
                 let mut m = crate::checkpoint::load_sd3_model(cfg, *s, a.weights, dev)?;
                 let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
                 texts.push("");

@@ -666,38 +666,58 @@ pub fn run_until(
                 })?;
                 // The policy forward, loss and backward: one shard of whole groups per worker. The
                 // loss is a mean over samples, so shard losses weighted by their share sum to it.
-                let ranges = crate::par::shards(n, workers, g);
-                let parts = crate::par::map_shards(&ranges, |r| {
-                    let (lo, len) = (r.start, r.len());
-                    let cond = cond.narrow(r.clone())?;
-                    let xt = xt.narrow(0, lo, len)?;
-                    let target = target.narrow(0, lo, len)?;
-                    let v_ref = v_ref.narrow(0, lo, len)?;
-                    let tt = Tensor::full(tj, len, dev)?;
-                    let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
-                    let l_theta = per_sample_mse(&target, &v)?;
-                    let l_ref = per_sample_mse(&target, &v_ref)?;
-                    let l_old = per_sample_mse(&target, &v_old.narrow(0, lo, len)?)?;
-                    let kl_i = per_sample_mse(&v, &v_ref.detach())?;
-                    let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
-                    let share = len as f64 / n as f64;
-                    let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                    // Gradients accumulate over all micro-batches and indices: one step per epoch,
-                    // the loss averaged over the passes as accelerate's accumulation does.
-                    let grads = if lv.is_finite() {
-                        Some((terms.loss.clone() * (share / passes))?.backward()?)
-                    } else {
-                        None
-                    };
-                    Ok(ShardPass::new(
-                        terms.policy_loss,
-                        terms.kl,
-                        terms.clip_frac,
-                        share,
-                        lv,
-                        grads,
-                    ))
-                })?;
+                let chunked = t.backward_chunk > 0 && t.backward_chunk < n;
+                let parts = if chunked {
+                    chunked_dgpo_pass(ChunkedPass {
+                        model: m,
+                        xt: &xt,
+                        target: &target,
+                        v_ref: &v_ref,
+                        v_old: &v_old,
+                        cond: &cond,
+                        tj,
+                        adv: a,
+                        group: g,
+                        params: &params,
+                        passes,
+                        chunk: t.backward_chunk,
+                        workers,
+                    })?
+                } else {
+                    let ranges = crate::par::shards(n, workers, g);
+                    crate::par::map_shards(&ranges, |r| {
+                        let (lo, len) = (r.start, r.len());
+                        let cond = cond.narrow(r.clone())?;
+                        let xt = xt.narrow(0, lo, len)?;
+                        let target = target.narrow(0, lo, len)?;
+                        let v_ref = v_ref.narrow(0, lo, len)?;
+                        let tt = Tensor::full(tj, len, dev)?;
+                        let v =
+                            m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+                        let l_theta = per_sample_mse(&target, &v)?;
+                        let l_ref = per_sample_mse(&target, &v_ref)?;
+                        let l_old = per_sample_mse(&target, &v_old.narrow(0, lo, len)?)?;
+                        let kl_i = per_sample_mse(&v, &v_ref.detach())?;
+                        let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
+                        let share = len as f64 / n as f64;
+                        let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+                        // Gradients accumulate over all micro-batches and indices: one step per epoch,
+                        // the loss averaged over the passes as accelerate's accumulation does.
+                        let grads = if lv.is_finite() {
+                            Some((terms.loss.clone() * (share / passes))?.backward()?)
+                        } else {
+                            None
+                        };
+                        Ok(ShardPass::new(
+                            terms.policy_loss,
+                            terms.kl,
+                            terms.clip_frac,
+                            share,
+                            lv,
+                            grads,
+                        ))
+                    })?
+                };
                 tot.absorb(
                     &opt,
                     &mut acc,
@@ -859,6 +879,102 @@ impl PassTotals {
         }
         Ok(())
     }
+}
+
+/// Inputs of one DGPO pass differentiated `chunk` images at a time (`train.backward_chunk`).
+struct ChunkedPass<'a> {
+    model: &'a crate::model::MMDiT,
+    xt: &'a Tensor,
+    target: &'a Tensor,
+    v_ref: &'a Tensor,
+    v_old: &'a Tensor,
+    cond: &'a Conditioning,
+    tj: f32,
+    adv: &'a [f32],
+    group: usize,
+    params: &'a DgpoParams,
+    passes: f64,
+    chunk: usize,
+    workers: usize,
+}
+
+/// The DGPO pass of a micro-batch with bounded activation memory. The loss couples a group's images
+/// only through their per-image errors `l_θ,i` and KL terms `kl_i`, so its gradient is
+/// `Σ_i ∂L/∂l_θ,i · ∇l_θ,i + ∂L/∂kl_i · ∇kl_i`. A forward without graph gives every `l_θ,i` and
+/// `kl_i`; the loss function itself, differentiated with respect to those numbers, gives the
+/// coefficients; then each chunk's images are run with graph and `Σ coef · term` is differentiated
+/// (chunks spread over the worker threads). Same gradient as one pass over the micro-batch, up to
+/// summation order. The loss terms come from the first pass (reported with the first chunk).
+fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
+    let n = p.adv.len();
+    let dev = p.xt.device().clone();
+    let m = p.model;
+    let v_pol =
+        crate::sampling::velocity_sharded(m, p.xt, p.tj, p.cond, None, 1.0, Weights::PolicyNoGrad)?;
+    let l_theta = candle_core::Var::from_tensor(&per_sample_mse(p.target, &v_pol)?)?;
+    let kl = candle_core::Var::from_tensor(&per_sample_mse(&v_pol, p.v_ref)?)?;
+    let l_ref = per_sample_mse(p.target, p.v_ref)?;
+    let l_old = per_sample_mse(p.target, p.v_old)?;
+    let terms = dgpo_loss(
+        l_theta.as_tensor(),
+        &l_ref,
+        &l_old,
+        kl.as_tensor(),
+        p.adv,
+        p.group,
+        p.params,
+    )?;
+    let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+    if !lv.is_finite() {
+        return Ok(vec![ShardPass::new(
+            terms.policy_loss,
+            terms.kl,
+            terms.clip_frac,
+            1.0,
+            lv,
+            None,
+        )]);
+    }
+    let coef = terms.loss.backward()?;
+    let zeros = Tensor::zeros(n, DType::F32, &dev)?;
+    let c_theta = coef.get(l_theta.as_tensor()).unwrap_or(&zeros).clone();
+    let c_kl = coef.get(kl.as_tensor()).unwrap_or(&zeros).clone();
+    let chunks: Vec<std::ops::Range<usize>> = (0..n)
+        .step_by(p.chunk)
+        .map(|s| s..(s + p.chunk).min(n))
+        .collect();
+    let mut out = vec![];
+    for wave in chunks.chunks(p.workers.max(1)) {
+        out.extend(crate::par::map_shards(wave, |r| {
+            let (lo, len) = (r.start, r.len());
+            let cond = p.cond.narrow(r.clone())?;
+            let tt = Tensor::full(p.tj, len, &dev)?;
+            let v = m.forward(
+                &p.xt.narrow(0, lo, len)?,
+                &tt,
+                &cond.context,
+                &cond.pooled,
+                Weights::Policy,
+            )?;
+            let lt = per_sample_mse(&p.target.narrow(0, lo, len)?, &v)?;
+            let k = per_sample_mse(&v, &p.v_ref.narrow(0, lo, len)?.detach())?;
+            let surrogate = ((lt * c_theta.narrow(0, lo, len)?)?.sum_all()?
+                + (k * c_kl.narrow(0, lo, len)?)?.sum_all()?)?;
+            let grads = (surrogate / p.passes)?.backward()?;
+            // The loss terms, computed once above, travel with the first chunk.
+            let first = lo == 0;
+            let f = |x: f32| if first { x } else { 0.0 };
+            Ok(ShardPass::new(
+                f(terms.policy_loss),
+                f(terms.kl),
+                f(terms.clip_frac),
+                if first { 1.0 } else { 0.0 },
+                f(lv),
+                Some(grads),
+            ))
+        })?);
+    }
+    Ok(out)
 }
 
 /// Inputs of one Flow-GRPO training pass: rollout step `j` of the micro-batch `lo..lo + n`.

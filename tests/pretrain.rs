@@ -187,7 +187,7 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
     }
     let png = std::fs::read(&grid).unwrap();
     assert_eq!(&png[1..4], b"PNG");
-    // A folder that is not a shapes pipeline is named in the error.
+    // A folder that is no kind of model is named in the error, before any base model is loaded.
     let (code, _, err) = dgpo(&[
         "eval",
         "--config",
@@ -197,7 +197,7 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
     ]);
     assert_eq!(code, 1);
     assert!(
-        err.contains("not a shapes pipeline folder") && err.contains(dir.to_str().unwrap()),
+        err.contains("is not a dgpo run") && err.contains(dir.to_str().unwrap()),
         "{err}"
     );
     std::fs::remove_dir_all(&dir).unwrap();

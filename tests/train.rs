@@ -187,3 +187,73 @@ fn several_rewards_with_decoupled_advantages_train_and_report_each() {
     assert!(t["adv_abs_mean"].as_f64().unwrap() > 0.1, "{t}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn chunked_backward_gives_the_gradient_of_the_whole_micro_batch() {
+    let dir = tmp("chunked");
+    let mut cfg = setup(&dir);
+    cfg.run.num_epochs = 2;
+    cfg.run.eval_every = 100;
+    cfg.train.batch_size = 4; // two groups of 2 per micro-batch
+    cfg.reward[0].kind = "jpeg_compressibility".into(); // differs within groups of random images
+                                                        // Full fine-tuning: the random model's zero-initialised output layer would stop every LoRA
+                                                        // gradient.
+    cfg.lora.enabled = false;
+    // A large Adam epsilon makes each step ≈ lr·gradient, so the weights compare the gradients
+    // (with the usual 1e-8, near-zero components are amplified to ±lr by rounding alone).
+    cfg.train.adam_epsilon = 1.0;
+    let dev = Device::Cpu;
+    dgpo::train::run(&cfg, &dir.join("whole"), false, &dev).unwrap();
+    // Chunks of 3 images cut across the groups the loss couples.
+    cfg.train.backward_chunk = 3;
+    dgpo::train::run(&cfg, &dir.join("chunked"), false, &dev).unwrap();
+    let (a, b) = (metrics(&dir.join("whole")), metrics(&dir.join("chunked")));
+    let train = |m: &[serde_json::Value]| -> Vec<(f64, f64, f64)> {
+        m.iter()
+            .filter(|v| v["kind"] == "train")
+            .map(|v| {
+                (
+                    v["loss"].as_f64().unwrap(),
+                    v["kl"].as_f64().unwrap(),
+                    v["grad_norm"].as_f64().unwrap(),
+                )
+            })
+            .collect()
+    };
+    let (ta, tb) = (train(&a), train(&b));
+    assert_eq!(ta.len(), 2);
+    for ((la, ka, ga), (lb, kb, gb)) in ta.iter().zip(&tb) {
+        assert!(*ga > 0.0);
+        for (x, y, what) in [(la, lb, "loss"), (ka, kb, "kl"), (ga, gb, "grad_norm")] {
+            assert!(
+                (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
+                "{what}: whole {x} vs chunked {y}"
+            );
+        }
+    }
+    let load = |run: &str| {
+        candle_core::safetensors::load(
+            dir.join(run)
+                .join("checkpoints/epoch-00002/train_state.safetensors"),
+            &dev,
+        )
+        .unwrap()
+    };
+    let (wa, wb) = (load("whole"), load("chunked"));
+    let mut worst = 0f64;
+    for (k, v) in &wa {
+        if k.starts_with("raw.") {
+            worst = worst.max(common::max_abs_diff(v, &wb[k]));
+        }
+    }
+    assert!(worst < 1e-5, "weights differ by {worst:e}");
+    let e = Config::from_toml(
+        "[train]\nbatch_size = 4\nbackward_chunk = 5\n",
+        "bad.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("backward_chunk"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
