@@ -4,7 +4,11 @@
 //! (one by default, see [`Sd3Vae::chunk`]), and turns the result into 8-bit images as diffusers' image processor does
 //! (`(x / 2 + 0.5)` clamped to [0, 1], times 255, rounded).
 //!
-//! Not here yet: `encode` (Candle's KL encoder keeps the latent mean private; a test-only need).
+//!
+//! `encode` gives the latent distribution's mean (diffusers' `latent_dist.mode()`), scaled and
+//! shifted for the transformer. Candle's KL encoder only offers a random sample `mean + std·ε`, so the
+//! weights that produce the log-variance are replaced at load time by zeros with bias −10⁴: the
+//! standard deviation is then exactly 0 and the sample is the mean. Decoding never reads them.
 
 use crate::sd3_text::{read_json, weights_named};
 use crate::shapes::Image;
@@ -63,13 +67,30 @@ impl Sd3Vae {
             dir.display(),
             config.act_fn
         );
-        let vb = weights_named(
-            dir,
-            "diffusion_pytorch_model",
-            "diffusion_pytorch_model",
-            dtype,
-            dev,
-        )?;
+        let vb = if dir.join("diffusion_pytorch_model.bin").exists()
+            && crate::model::weights::diffusers_weight_files(dir).is_err()
+        {
+            // A PyTorch-only VAE decodes; it cannot encode (its log-variance weights stay).
+            weights_named(
+                dir,
+                "diffusion_pytorch_model",
+                "diffusion_pytorch_model",
+                dtype,
+                dev,
+            )?
+        } else {
+            let files = crate::model::weights::diffusers_weight_files(dir)?;
+            let mut t = crate::model::weights::read_safetensors(&files, dev)?;
+            // The layer whose output is (mean, log-variance): quant_conv, or the encoder's conv_out.
+            let last = if config.use_quant_conv {
+                "quant_conv"
+            } else {
+                "encoder.conv_out"
+            };
+            zero_log_variance(&mut t, last, config.latent_channels)
+                .with_context(|| format!("{}: the VAE encoder's {last}", dir.display()))?;
+            candle_nn::VarBuilder::from_tensors(t, dtype, dev)
+        };
         let vae = AutoEncoderKL::new(
             vb,
             config.in_channels,
@@ -89,6 +110,23 @@ impl Sd3Vae {
             config,
             chunk: 1,
         })
+    }
+
+    /// The latent mean of images `[n, 3, H, W]` in [-1, 1], as diffusers'
+    /// `vae.encode(x).latent_dist.mode()` (unscaled), one image at a time.
+    pub fn encode_mean(&self, images: &Tensor) -> Result<Tensor> {
+        let n = images.dim(0)?;
+        let mut out = Vec::with_capacity(n);
+        for i in 0..n {
+            out.push(self.vae.encode(&images.narrow(0, i, 1)?)?.sample()?);
+        }
+        Ok(Tensor::cat(&out, 0)?)
+    }
+
+    /// Latents for the transformer of images in [-1, 1]: `(mean − shift_factor) · scaling_factor`.
+    pub fn encode(&self, images: &Tensor) -> Result<Tensor> {
+        let m = self.encode_mean(images)?;
+        Ok(((m - self.config.shift_factor.unwrap_or(0.0))? * self.config.scaling_factor)?)
     }
 
     /// Pixels per latent along each side: 2 per down block after the first (8 for SD3's VAE).
@@ -135,4 +173,37 @@ impl Sd3Vae {
             })
             .collect())
     }
+}
+
+/// Make `<layer>`'s log-variance half (output channels `latent..2·latent`) give −10⁴ everywhere.
+fn zero_log_variance(
+    t: &mut std::collections::HashMap<String, Tensor>,
+    layer: &str,
+    latent: usize,
+) -> Result<()> {
+    let (wk, bk) = (format!("{layer}.weight"), format!("{layer}.bias"));
+    let w = t.get(&wk).with_context(|| format!("no {wk}"))?;
+    let b = t.get(&bk).with_context(|| format!("no {bk}"))?;
+    ensure!(
+        w.dim(0)? == 2 * latent && b.dim(0)? == 2 * latent,
+        "{wk} has {} output channels, expected 2 × {latent} (mean and log-variance)",
+        w.dim(0)?
+    );
+    let w = Tensor::cat(
+        &[
+            w.narrow(0, 0, latent)?,
+            w.narrow(0, latent, latent)?.zeros_like()?,
+        ],
+        0,
+    )?;
+    let b = Tensor::cat(
+        &[
+            b.narrow(0, 0, latent)?,
+            (b.narrow(0, latent, latent)?.zeros_like()? - 1e4)?,
+        ],
+        0,
+    )?;
+    t.insert(wk, w);
+    t.insert(bk, b);
+    Ok(())
 }

@@ -118,6 +118,16 @@ fn vae_decodes_as_diffusers_in_chunks() {
     let worst = worst_pixel(&got, &want);
     eprintln!("VAE images: max pixel diff {worst}");
     assert!(worst <= 1.0, "{worst}");
+    // Encode: the latent mean (diffusers' latent_dist.mode()) of the decoded images, two at once.
+    let mean = vae.encode_mean(&e["vae_decoded"]).unwrap();
+    let d = common::max_abs_diff(&mean, &e["vae_encoded_mean"]);
+    eprintln!("VAE encode: max abs diff {d:e}");
+    assert!(d < 1e-4, "{d:e}");
+    // Scaled for the transformer, and back through decode: the decoder sees the same mean.
+    let lat = vae.encode(&e["vae_decoded"]).unwrap();
+    let c = &vae.config;
+    let back = ((lat / c.scaling_factor).unwrap() + c.shift_factor.unwrap_or(0.0)).unwrap();
+    assert!(common::max_abs_diff(&back, &mean) < 1e-5);
 }
 
 #[test]
