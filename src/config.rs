@@ -89,6 +89,9 @@ pub struct ModelConfig {
     pub max_sequence_length: usize,
     /// SD3 pipelines: keep prompt embeddings in this folder (one file per prompt and encoder set).
     pub embedding_cache: Option<PathBuf>,
+    /// SD3 pipelines: run T5-XXL (false: zeros in its place, as diffusers with `text_encoder_3 =
+    /// None`; T5 is then neither loaded nor downloaded).
+    pub t5: bool,
 }
 
 impl Default for ModelConfig {
@@ -100,6 +103,7 @@ impl Default for ModelConfig {
             resolution: 512,
             max_sequence_length: 128,
             embedding_cache: None,
+            t5: true,
         }
     }
 }

@@ -30,7 +30,7 @@ pub fn is_sd3_pipeline(dir: &Path) -> bool {
 /// what is missing unless `HF_HUB_OFFLINE=1`), anything else is taken as a path.
 pub fn resolve_pretrained(cfg: &Config) -> Result<PathBuf> {
     if crate::hub::is_repo_id(&cfg.model.pretrained) {
-        crate::hub::pipeline_dir(&cfg.model.pretrained, true)
+        crate::hub::pipeline_dir(&cfg.model.pretrained, cfg.model.t5)
             .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
     } else {
         Ok(PathBuf::from(&cfg.model.pretrained))
@@ -38,7 +38,7 @@ pub fn resolve_pretrained(cfg: &Config) -> Result<PathBuf> {
 }
 
 /// The SD3 / SD3.5 pipeline in `dir` as a config asks for it: frozen weights in `model.dtype` on CUDA
-/// (f32 on the CPU), `max_sequence_length` T5 tokens, and with `model.embedding_cache` the text
+/// (f32 on the CPU), `max_sequence_length` T5 tokens (or zeros with `model.t5 = false`), and with `model.embedding_cache` the text
 /// encoders left on disk until [`Sd3Pipeline::prepare_prompts`] needs them.
 pub fn load_from_config(
     cfg: &Config,
@@ -53,8 +53,8 @@ pub fn load_from_config(
     };
     let len = cfg.model.max_sequence_length;
     match &cfg.model.embedding_cache {
-        Some(root) => Sd3Pipeline::load_cached(dir, trainable, len, true, dtype, dev, root),
-        None => Sd3Pipeline::load(dir, trainable, len, true, dtype, dev),
+        Some(root) => Sd3Pipeline::load_cached(dir, trainable, len, cfg.model.t5, dtype, dev, root),
+        None => Sd3Pipeline::load(dir, trainable, len, cfg.model.t5, dtype, dev),
     }
     .with_context(|| format!("model.pretrained = {:?}", cfg.model.pretrained))
 }

@@ -196,6 +196,12 @@ fn sd3_pipeline_trains_on_plain_prompt_files_without_geneval_scores() {
         assert!(e["geneval_overall"].is_null(), "no GenEval module: {e}");
         assert!(e["eval_reward_mean"].as_f64().is_some(), "{e}");
     }
+    // T5 off (zeros in its place, as diffusers): another encoder identity, so its own cache folder.
+    let mut c = config(&dir, &prompts, rewards);
+    c.run.num_epochs = 1;
+    c.model.t5 = false;
+    dgpo::train::run(&c, &dir.join("no-t5"), false, &dev).unwrap();
+    assert_eq!(std::fs::read_dir(dir.join("cache")).unwrap().count(), 2);
     // Tag-balanced sampling needs metadata, the shapes detector is not used on SD3 images, and a
     // resolution that is not the pipeline's is refused, all before any work.
     let mut c = config(&dir, &prompts, rewards);
