@@ -699,23 +699,12 @@ pub fn run_until(
                         let l_old = per_sample_mse(&target, &v_old.narrow(0, lo, len)?)?;
                         let kl_i = per_sample_mse(&v, &v_ref.detach())?;
                         let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
-                        let share = len as f64 / n as f64;
-                        let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-                        // Gradients accumulate over all micro-batches and indices: one step per epoch,
-                        // the loss averaged over the passes as accelerate's accumulation does.
-                        let grads = if lv.is_finite() {
-                            Some((terms.loss.clone() * (share / passes))?.backward()?)
-                        } else {
-                            None
-                        };
-                        Ok(ShardPass::new(
-                            terms.policy_loss,
-                            terms.kl,
-                            terms.clip_frac,
-                            share,
-                            lv,
-                            grads,
-                        ))
+                        ShardPass::backprop(
+                            &terms.loss,
+                            [terms.policy_loss, terms.kl, terms.clip_frac],
+                            len as f64 / n as f64,
+                            passes,
+                        )
                     })?
                 };
                 tot.absorb(
@@ -838,6 +827,22 @@ impl ShardPass {
             loss,
             grads,
         }
+    }
+}
+
+impl ShardPass {
+    /// A shard's pass from its loss and `[policy loss, KL, clip fraction]`: the loss, when finite, is
+    /// backpropagated with weight `share / passes` — gradients accumulate over all micro-batches and
+    /// timestep indices into one step per epoch, the loss averaged over the passes as accelerate's
+    /// accumulation does.
+    fn backprop(loss: &Tensor, terms: [f32; 3], share: f64, passes: f64) -> Result<Self> {
+        let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = if lv.is_finite() {
+            Some((loss * (share / passes))?.backward()?)
+        } else {
+            None
+        };
+        Ok(Self::new(terms[0], terms[1], terms[2], share, lv, grads))
     }
 }
 
@@ -1059,21 +1064,12 @@ fn grpo_pass(p: GrpoPass) -> Result<Vec<ShardPass>> {
             mean_ref.as_ref().map(|m| (&st.mean, m, st.std_dev_t)),
             p.t.beta_kl,
         )?;
-        let share = len as f64 / n as f64;
-        let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
-        let grads = if lv.is_finite() {
-            Some((terms.loss.clone() * (share / p.passes))?.backward()?)
-        } else {
-            None
-        };
-        Ok(ShardPass::new(
-            terms.policy_loss,
-            terms.kl,
-            terms.clip_frac,
-            share,
-            lv,
-            grads,
-        ))
+        ShardPass::backprop(
+            &terms.loss,
+            [terms.policy_loss, terms.kl, terms.clip_frac],
+            len as f64 / n as f64,
+            p.passes,
+        )
     })
 }
 

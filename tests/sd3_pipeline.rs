@@ -132,20 +132,11 @@ fn vae_decodes_as_diffusers_in_chunks() {
 
 #[test]
 fn the_whole_pipeline_makes_the_images_diffusers_makes() {
-    let dev = Device::Cpu;
     let e = expected();
     let meta = meta();
     let prompts = prompts(&meta);
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
-    let pipe = dgpo::sd3_pipeline::Sd3Pipeline::load(
-        &fx(),
-        &dgpo::model::Trainable::None,
-        16,
-        true,
-        DType::F32,
-        &dev,
-    )
-    .unwrap();
+    let pipe = common::sd3_fixture_pipeline(16);
     let imgs = pipe
         .generate(
             &p,
@@ -278,37 +269,16 @@ fn a_repo_id_resolves_through_the_hugging_face_cache_offline() {
 
 #[test]
 fn prompt_embeddings_are_cached_on_disk_per_prompt() {
-    let dev = Device::Cpu;
     let e = expected();
     let meta = meta();
     let prompts = prompts(&meta);
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
     let root = common::tiny::tmp("embed-cache");
-    let pipe = dgpo::sd3_pipeline::Sd3Pipeline::load(
-        &fx(),
-        &dgpo::model::Trainable::None,
-        16,
-        true,
-        DType::F32,
-        &dev,
-    )
-    .unwrap()
-    .with_cache(&root)
-    .unwrap();
+    let pipe = common::sd3_fixture_pipeline(16).with_cache(&root).unwrap();
     // A repeated prompt (as in a group) is encoded once; the first call fills the cache.
     let first = pipe.encode(&[p[0], p[1], p[0], p[2]]).unwrap();
-    let entries = || {
-        std::fs::read_dir(root.read_dir().unwrap().next().unwrap().unwrap().path())
-            .unwrap()
-            .filter(|f| {
-                f.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "safetensors")
-            })
-            .count()
-    };
+    let entries =
+        || common::safetensors_count(&root.read_dir().unwrap().next().unwrap().unwrap().path());
     assert_eq!(entries(), 3);
     let d = common::max_abs_diff(
         &Tensor::cat(
@@ -340,17 +310,7 @@ fn prompt_embeddings_are_cached_on_disk_per_prompt() {
     );
     assert_eq!(entries(), 3);
     // Another T5 length is another identity, so another folder.
-    let other = dgpo::sd3_pipeline::Sd3Pipeline::load(
-        &fx(),
-        &dgpo::model::Trainable::None,
-        8,
-        true,
-        DType::F32,
-        &dev,
-    )
-    .unwrap()
-    .with_cache(&root)
-    .unwrap();
+    let other = common::sd3_fixture_pipeline(8).with_cache(&root).unwrap();
     other.encode(&[p[0]]).unwrap();
     assert_eq!(root.read_dir().unwrap().count(), 2);
 }
@@ -403,17 +363,7 @@ fn text_encoders_load_only_for_prompts_missing_from_the_cache_and_are_freed() {
     assert_eq!(again.prepare_prompts(&[p[1], "", p[0]], 2).unwrap(), 0);
     assert!(again.text.is_none());
     // A pipeline loaded with its encoders keeps them.
-    let mut eager = dgpo::sd3_pipeline::Sd3Pipeline::load(
-        &fx(),
-        &dgpo::model::Trainable::None,
-        16,
-        true,
-        DType::F32,
-        &dev,
-    )
-    .unwrap()
-    .with_cache(&root)
-    .unwrap();
+    let mut eager = common::sd3_fixture_pipeline(16).with_cache(&root).unwrap();
     assert_eq!(eager.prepare_prompts(&[p[2]], 4).unwrap(), 1);
     assert!(eager.text.is_some());
     std::fs::remove_dir_all(&root).unwrap();

@@ -5,23 +5,10 @@ mod common;
 
 use candle_core::Device;
 use dgpo::config::Config;
-use std::path::Path;
 
 use common::tiny::{setup, tmp};
 
-/// Metric lines without wall-clock fields.
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            let o = v.as_object_mut().unwrap();
-            o.retain(|k, _| !(k == "wall_s" || k.ends_with("_s")));
-            v
-        })
-        .collect()
-}
+use common::metrics_without_times as metrics;
 
 #[test]
 fn train_writes_metrics_and_checkpoints_and_resume_repeats_the_run() {

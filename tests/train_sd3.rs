@@ -11,20 +11,7 @@ use std::path::Path;
 
 use common::tiny::{root, tmp};
 
-/// Metric lines without wall-clock fields.
-fn metrics(out: &Path) -> Vec<serde_json::Value> {
-    std::fs::read_to_string(out.join("metrics.jsonl"))
-        .unwrap()
-        .lines()
-        .map(|l| {
-            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
-            v.as_object_mut()
-                .unwrap()
-                .retain(|k, _| !(k == "wall_s" || k.ends_with("_s")));
-            v
-        })
-        .collect()
-}
+use common::metrics_without_times as metrics;
 
 /// A config training the tiny SD3 pipeline: `prompts` names the train/test files, `rewards` the
 /// `[[reward]]` tables.
@@ -80,34 +67,18 @@ fn clip_reward() -> String {
     )
 }
 
+/// Embeddings in `<dir>/cache`, over all encoder identities.
 fn cache_entries(dir: &Path) -> usize {
-    let Ok(rd) = std::fs::read_dir(dir.join("cache")) else {
-        return 0;
-    };
-    rd.map(|d| {
-        std::fs::read_dir(d.unwrap().path())
-            .unwrap()
-            .filter(|f| {
-                f.as_ref()
-                    .unwrap()
-                    .path()
-                    .extension()
-                    .is_some_and(|x| x == "safetensors")
-            })
-            .count()
+    std::fs::read_dir(dir.join("cache")).map_or(0, |rd| {
+        rd.map(|d| common::safetensors_count(&d.unwrap().path()))
+            .sum()
     })
-    .sum()
 }
 
 #[test]
 fn sd3_pipeline_trains_with_geneval_metadata_and_resumes_exactly() {
     let dir = tmp("train-sd3");
-    let lines: Vec<String> =
-        std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect();
+    let lines = common::tiny::shapes_test_metadata_lines();
     std::fs::write(dir.join("train.jsonl"), lines[4..10].join("\n")).unwrap();
     std::fs::write(dir.join("test.jsonl"), lines[16..18].join("\n")).unwrap();
     let cfg = config(

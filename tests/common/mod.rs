@@ -54,3 +54,46 @@ pub fn forward(m: &MMDiT, io: &HashMap<String, Tensor>, w: dgpo::model::Weights)
     m.forward(&io["x"], &io["t"], &io["context"], &io["pooled"], w)
         .unwrap()
 }
+
+/// `<run>/metrics.jsonl` without wall-clock fields (`wall_s`, `*_s`), for comparing runs.
+pub fn metrics_without_times(run: &std::path::Path) -> Vec<serde_json::Value> {
+    std::fs::read_to_string(run.join("metrics.jsonl"))
+        .unwrap()
+        .lines()
+        .map(|l| {
+            let mut v: serde_json::Value = serde_json::from_str(l).unwrap();
+            v.as_object_mut()
+                .unwrap()
+                .retain(|k, _| !(k == "wall_s" || k.ends_with("_s")));
+            v
+        })
+        .collect()
+}
+
+/// How many `.safetensors` files `dir` holds (0 when it does not exist).
+pub fn safetensors_count(dir: &std::path::Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |rd| {
+        rd.filter(|f| {
+            f.as_ref()
+                .unwrap()
+                .path()
+                .extension()
+                .is_some_and(|x| x == "safetensors")
+        })
+        .count()
+    })
+}
+
+/// The tiny SD3 pipeline of `tests/fixtures/sd3_pipeline`, f32 on the CPU, `t5_len` T5 tokens,
+/// every component loaded, no embedding cache.
+pub fn sd3_fixture_pipeline(t5_len: usize) -> dgpo::sd3_pipeline::Sd3Pipeline {
+    dgpo::sd3_pipeline::Sd3Pipeline::load(
+        &tiny::root().join("tests/fixtures/sd3_pipeline"),
+        &Trainable::None,
+        t5_len,
+        true,
+        DType::F32,
+        &Device::Cpu,
+    )
+    .unwrap()
+}

@@ -20,6 +20,15 @@ pub fn tmp(name: &str) -> PathBuf {
     d
 }
 
+/// The lines of the versioned shapes test prompts (`configs/shapes/test_metadata.jsonl`).
+pub fn shapes_test_metadata_lines() -> Vec<String> {
+    std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 /// A tiny random pipeline, a few prompts, and a config training it.
 pub fn setup(dir: &Path) -> Config {
     let tcfg: dgpo::model::TransformerConfig = serde_json::from_str(
@@ -45,12 +54,7 @@ pub fn setup(dir: &Path) -> Config {
     let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, 7, &Device::Cpu).unwrap();
     pipe.save(&dir.join("base"), &HashMap::new(), candle_core::DType::F32)
         .unwrap();
-    let lines: Vec<String> =
-        std::fs::read_to_string(root().join("configs/shapes/test_metadata.jsonl"))
-            .unwrap()
-            .lines()
-            .map(String::from)
-            .collect();
+    let lines = shapes_test_metadata_lines();
     std::fs::write(dir.join("train.jsonl"), lines[..12].join("\n")).unwrap();
     std::fs::write(dir.join("test.jsonl"), lines[40..43].join("\n")).unwrap();
     let text = format!(
