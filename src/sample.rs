@@ -211,7 +211,7 @@ impl Model {
         let empty = g.encode(&[""])?;
         in_batches(prompts, noise, a, bar, |texts, noise| {
             let cond = g.encode(texts)?;
-            // CFG against the empty prompt; none at guidance ≤ 1, as diffusers.
+            // CFG against the empty prompt; none at guidance 1, as diffusers.
             let uncond = if a.guidance > 1.0 {
                 Some(empty.repeat(texts.len())?)
             } else {
@@ -298,6 +298,12 @@ pub struct ModelSummary {
 pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummary>> {
     if a.images_per_prompt == 0 || a.steps == 0 {
         bail!("--images-per-prompt and --steps must be at least 1");
+    }
+    if a.guidance.is_nan() || a.guidance < 1.0 {
+        bail!(
+            "--cfg {} must be ≥ 1 (1 disables classifier-free guidance), as sample.guidance_scale",
+            a.guidance
+        );
     }
     // ---- prompts ----
     let mut prompts: Vec<PromptItem> = a

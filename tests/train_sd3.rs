@@ -280,6 +280,10 @@ fn sd3_runs_sample_evaluate_and_export() {
     let mut a = dgpo::sample::SampleArgs::from_config(&cfg, dir.join("samples"));
     a.checkpoints = vec![dir.join("merged"), run.clone()];
     let summaries = dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    let mut bad = a.clone();
+    bad.guidance = 0.5;
+    let e = dgpo::sample::run(&cfg, &bad, &dev).unwrap_err().to_string();
+    assert!(e.contains("--cfg 0.5"), "{e}");
     assert_eq!(summaries.len(), 2);
     assert!(summaries.iter().all(|s| s.reward_mean.is_some()));
     assert!(dir.join("samples/grid.png").exists());
