@@ -62,10 +62,12 @@ impl RewardServer {
                 let max = opts.max_requests;
                 std::thread::spawn(move || {
                     while let Ok(req) = server.recv() {
-                        let is_compute = req.url() == "/compute";
+                        // Counted before the reply goes out, so that a client holding its
+                        // answer always sees it counted (counting after raced with the client).
+                        let n = (req.url() == "/compute")
+                            .then(|| served.fetch_add(1, Ordering::SeqCst) + 1);
                         handle(req, &rewards);
-                        if is_compute {
-                            let n = served.fetch_add(1, Ordering::SeqCst) + 1;
+                        if let Some(n) = n {
                             if max.is_some_and(|m| n >= m) {
                                 for _ in 0..threads {
                                     server.unblock();
@@ -90,7 +92,7 @@ impl RewardServer {
         &self.url
     }
 
-    /// `/compute` requests answered so far.
+    /// `/compute` requests taken so far (each counted before its answer is sent).
     pub fn served(&self) -> usize {
         self.served.load(Ordering::SeqCst)
     }
