@@ -432,6 +432,10 @@ pub struct PretrainConfig {
     pub max_grad_norm: f64,
     /// Probability of training on the empty prompt (makes classifier-free guidance possible).
     pub caption_dropout: f64,
+    /// Relative frequency of each GenEval tag among the pretraining captions, e.g.
+    /// `{ colors = 2.0, color_attr = 2.0 }`; a tag not named weighs 1. Empty (the default) draws the
+    /// six tags uniformly, exactly as before the key existed.
+    pub tag_weights: std::collections::BTreeMap<String, f64>,
     pub timestep_sampling: TimestepSampling,
     pub logit_mean: f64,
     pub logit_std: f64,
@@ -461,6 +465,7 @@ impl Default for PretrainConfig {
             weight_decay: 0.0,
             max_grad_norm: 1.0,
             caption_dropout: 0.1,
+            tag_weights: Default::default(),
             timestep_sampling: TimestepSampling::LogitNormal,
             logit_mean: 0.0,
             logit_std: 1.0,
@@ -740,6 +745,25 @@ impl Config {
                 pt.caption_dropout
             ),
         );
+        for (tag, w) in &pt.tag_weights {
+            need(
+                crate::geneval::TAGS.contains(&tag.as_str()),
+                format!(
+                    "pretrain.tag_weights.{tag}: unknown tag; the tags are {}",
+                    crate::geneval::TAGS.join(", ")
+                ),
+            );
+            need(
+                w.is_finite() && *w >= 0.0,
+                format!("pretrain.tag_weights.{tag} = {w} must be a finite number ≥ 0"),
+            );
+        }
+        need(
+            crate::geneval::TAGS
+                .iter()
+                .any(|t| pt.tag_weights.get(*t).copied().unwrap_or(1.0) > 0.0),
+            "pretrain.tag_weights: every tag weighs 0; at least one must be positive".into(),
+        );
         need(
             (0.0..1.0).contains(&pt.ema_decay),
             format!("pretrain.ema_decay = {} must be in [0, 1)", pt.ema_decay),
@@ -925,6 +949,24 @@ mod tests {
             e.contains("train.trunc_steps = 12 must be below sample.num_steps = 10"),
             "{e}"
         );
+    }
+
+    #[test]
+    fn pretrain_tag_weights_name_known_tags_and_leave_one_positive() {
+        let bad = |toml: &str| Config::from_toml(toml, "t", &[]).unwrap_err().to_string();
+        let e = bad("[pretrain.tag_weights]\ncolour = 2.0\n");
+        assert!(
+            e.contains("pretrain.tag_weights.colour: unknown tag"),
+            "{e}"
+        );
+        assert!(e.contains("color_attr"), "{e}");
+        let e = bad("[pretrain.tag_weights]\ncolors = -1.0\n");
+        assert!(e.contains("pretrain.tag_weights.colors = -1"), "{e}");
+        let zero = "single_object = 0\ntwo_object = 0\ncounting = 0\ncolors = 0\nposition = 0\n";
+        let e = bad(&format!("[pretrain.tag_weights]\n{zero}color_attr = 0\n"));
+        assert!(e.contains("every tag weighs 0"), "{e}");
+        let c = Config::from_toml(&format!("[pretrain.tag_weights]\n{zero}"), "t", &[]).unwrap();
+        assert_eq!(c.pretrain.tag_weights.len(), 5);
     }
 
     #[test]

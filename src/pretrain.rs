@@ -21,7 +21,7 @@ use crate::model::{TransformerConfig, Weights};
 use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{images_to_tensor, ShapesPipeline};
 use crate::sampling::seeded_randn;
-use crate::shapes::{random_metadata, scene_for};
+use crate::shapes::{random_metadata, random_metadata_of, scene_for};
 use crate::text::{ShapesTokenizer, TextEncoderConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -76,8 +76,28 @@ pub fn make_batch(
     let mut images = Vec::with_capacity(pt.batch_size);
     let mut captions = Vec::with_capacity(pt.batch_size);
     let mut sigmas = Vec::with_capacity(pt.batch_size);
+    // Tag weights, when given; none keeps the uniform draw (and the RNG stream) of earlier runs.
+    let weights: Vec<f64> = crate::geneval::TAGS
+        .iter()
+        .map(|t| pt.tag_weights.get(*t).copied().unwrap_or(1.0))
+        .collect();
+    let total: f64 = weights.iter().sum();
     for _ in 0..pt.batch_size {
-        let meta = random_metadata(&mut rng);
+        let meta = if pt.tag_weights.is_empty() {
+            random_metadata(&mut rng)
+        } else {
+            let mut u = rng.random::<f64>() * total;
+            let mut k = 0;
+            while k + 1 < weights.len() && (u >= weights[k] || weights[k] == 0.0) {
+                u -= weights[k];
+                k += 1;
+            }
+            if weights[k] == 0.0 {
+                // Rounding ran past the last positive weight.
+                k = weights.iter().rposition(|&w| w > 0.0).unwrap_or(k);
+            }
+            random_metadata_of(crate::geneval::TAGS[k], &mut rng)?
+        };
         let scene = scene_for(&meta, &mut rng)
             .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
         images.push(scene.render());
@@ -462,5 +482,48 @@ mod tests {
         }
         cfg.pretrain.decay_steps = 0;
         assert_eq!(lr_at(&cfg, 9), 1.0);
+    }
+
+    /// Tag of each non-empty caption of the batches of steps `0..steps`.
+    fn caption_tags(cfg: &Config, steps: usize) -> Vec<String> {
+        let tag_of: HashMap<String, String> = crate::shapes::all_prompts()
+            .into_iter()
+            .map(|m| (m.prompt, m.tag))
+            .collect();
+        (0..steps)
+            .flat_map(|s| {
+                make_batch(cfg, s, (3, 32, 32), &Device::Cpu)
+                    .unwrap()
+                    .captions
+            })
+            .filter(|c| !c.is_empty())
+            .map(|c| tag_of[&c].clone())
+            .collect()
+    }
+
+    #[test]
+    fn tag_weights_set_the_caption_mix() {
+        let mut cfg = Config::default();
+        cfg.pretrain.batch_size = 50;
+        let uniform = caption_tags(&cfg, 8);
+        let share = |tags: &[String], t: &str| {
+            tags.iter().filter(|x| *x == t).count() as f64 / tags.len() as f64
+        };
+        assert!((share(&uniform, "colors") - 1.0 / 6.0).abs() < 0.07);
+        // Only colors and color_attr, 1 : 3.
+        for t in crate::geneval::TAGS {
+            cfg.pretrain.tag_weights.insert(t.to_string(), 0.0);
+        }
+        cfg.pretrain.tag_weights.insert("colors".into(), 1.0);
+        cfg.pretrain.tag_weights.insert("color_attr".into(), 3.0);
+        let mixed = caption_tags(&cfg, 8);
+        assert!(mixed.iter().all(|t| t == "colors" || t == "color_attr"));
+        let s = share(&mixed, "color_attr");
+        assert!((s - 0.75).abs() < 0.07, "{s}");
+        // A tag not named weighs 1: colors 4 of 9 with the other five at 1.
+        cfg.pretrain.tag_weights.clear();
+        cfg.pretrain.tag_weights.insert("colors".into(), 4.0);
+        let s = share(&caption_tags(&cfg, 8), "colors");
+        assert!((s - 4.0 / 9.0).abs() < 0.08, "{s}");
     }
 }

@@ -20,7 +20,9 @@ pub mod scene;
 
 pub use detect::{detect, score_image};
 pub use image::{grid, Image};
-pub use prompts::{all_prompts, prompt_split, random_metadata, write_prompt_files};
+pub use prompts::{
+    all_prompts, prompt_split, random_metadata, random_metadata_of, write_prompt_files,
+};
 pub use scene::scene_for;
 
 use serde::{Deserialize, Serialize};

@@ -178,12 +178,18 @@ pub fn all_prompts() -> Vec<Metadata> {
 /// A prompt from the full template distribution: tag uniform over the six, then uniform within the
 /// tag (pretraining captions).
 pub fn random_metadata(rng: &mut impl Rng) -> Metadata {
+    let tag = TAGS[rng.random_range(0..TAGS.len())];
+    random_metadata_of(tag, rng).expect("TAGS are all known")
+}
+
+/// A random prompt of `tag`, one of [`TAGS`].
+pub fn random_metadata_of(tag: &str, rng: &mut impl Rng) -> anyhow::Result<Metadata> {
     fn distinct<R: Rng + ?Sized>(rng: &mut R, n: usize) -> (usize, usize) {
         let i = rng.random_range(0..n);
         (i, (i + 1 + rng.random_range(0..n - 1)) % n)
     }
     let class = |rng: &mut _| CLASSES[Rng::random_range(rng, 0..CLASSES.len())];
-    match TAGS[rng.random_range(0..TAGS.len())] {
+    Ok(match tag {
         "single_object" => single_object(class(rng)),
         "two_object" => {
             let (i, j) = distinct(rng, CLASSES.len());
@@ -202,12 +208,16 @@ pub fn random_metadata(rng: &mut impl Rng) -> Metadata {
             let r = RELATIONS[rng.random_range(0..RELATIONS.len())];
             position(CLASSES[s], r, CLASSES[t])
         }
-        _ => {
+        "color_attr" => {
             let (i, j) = distinct(rng, CLASSES.len());
             let (ci, cj) = distinct(rng, COLORS.len());
             color_attr(CLASSES[i], COLORS[ci].0, CLASSES[j], COLORS[cj].0)
         }
-    }
+        other => anyhow::bail!(
+            "unknown GenEval tag {other:?}; the tags are {}",
+            TAGS.join(", ")
+        ),
+    })
 }
 
 /// Stable 64-bit hash of a string (FNV-1a followed by the splitmix64 finaliser); independent of
