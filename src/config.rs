@@ -451,6 +451,19 @@ pub struct PretrainConfig {
     pub save_dtype: WeightDType,
 }
 
+impl PretrainConfig {
+    /// The caption weight of each of [`crate::geneval::TAGS`], in that order (a tag not named in
+    /// `tag_weights` weighs 1); `None` when `tag_weights` is empty: the uniform draw.
+    pub fn tag_mix(&self) -> Option<Vec<f64>> {
+        (!self.tag_weights.is_empty()).then(|| {
+            crate::geneval::TAGS
+                .iter()
+                .map(|t| self.tag_weights.get(*t).copied().unwrap_or(1.0))
+                .collect()
+        })
+    }
+}
+
 impl Default for PretrainConfig {
     fn default() -> Self {
         Self {
@@ -759,9 +772,7 @@ impl Config {
             );
         }
         need(
-            crate::geneval::TAGS
-                .iter()
-                .any(|t| pt.tag_weights.get(*t).copied().unwrap_or(1.0) > 0.0),
+            pt.tag_mix().is_none_or(|w| w.iter().any(|&w| w > 0.0)),
             "pretrain.tag_weights: every tag weighs 0; at least one must be positive".into(),
         );
         need(

@@ -77,26 +77,26 @@ pub fn make_batch(
     let mut captions = Vec::with_capacity(pt.batch_size);
     let mut sigmas = Vec::with_capacity(pt.batch_size);
     // Tag weights, when given; none keeps the uniform draw (and the RNG stream) of earlier runs.
-    let weights: Vec<f64> = crate::geneval::TAGS
-        .iter()
-        .map(|t| pt.tag_weights.get(*t).copied().unwrap_or(1.0))
-        .collect();
-    let total: f64 = weights.iter().sum();
+    let mix = pt.tag_mix();
     for _ in 0..pt.batch_size {
-        let meta = if pt.tag_weights.is_empty() {
-            random_metadata(&mut rng)
-        } else {
-            let mut u = rng.random::<f64>() * total;
-            let mut k = 0;
-            while k + 1 < weights.len() && (u >= weights[k] || weights[k] == 0.0) {
-                u -= weights[k];
-                k += 1;
+        let meta = match &mix {
+            None => random_metadata(&mut rng),
+            Some(weights) => {
+                let mut u = rng.random::<f64>() * weights.iter().sum::<f64>();
+                let k = weights
+                    .iter()
+                    .position(|&w| {
+                        if u < w {
+                            return true;
+                        }
+                        u -= w;
+                        false
+                    })
+                    // Rounding ran past the end: the last positive weight.
+                    .or_else(|| weights.iter().rposition(|&w| w > 0.0))
+                    .context("pretrain.tag_weights: no positive weight")?;
+                random_metadata_of(crate::geneval::TAGS[k], &mut rng)?
             }
-            if weights[k] == 0.0 {
-                // Rounding ran past the last positive weight.
-                k = weights.iter().rposition(|&w| w > 0.0).unwrap_or(k);
-            }
-            random_metadata_of(crate::geneval::TAGS[k], &mut rng)?
         };
         let scene = scene_for(&meta, &mut rng)
             .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
