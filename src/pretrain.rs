@@ -78,11 +78,12 @@ pub fn make_batch(
     let mut sigmas = Vec::with_capacity(pt.batch_size);
     // Tag weights, when given; none keeps the uniform draw (and the RNG stream) of earlier runs.
     let mix = pt.tag_mix();
+    let total: f64 = mix.iter().flatten().sum();
     for _ in 0..pt.batch_size {
         let meta = match &mix {
             None => random_metadata(&mut rng),
             Some(weights) => {
-                let mut u = rng.random::<f64>() * weights.iter().sum::<f64>();
+                let mut u = rng.random::<f64>() * total;
                 let k = weights
                     .iter()
                     .position(|&w| {
