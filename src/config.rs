@@ -418,6 +418,11 @@ pub struct PretrainConfig {
     pub text_encoder_config: PathBuf,
     /// WordLevel `tokenizer.json`.
     pub tokenizer: PathBuf,
+    /// Start from the weights of this pipeline folder (what `dgpo pretrain` writes to `model/`, e.g.
+    /// the shipped `configs/shapes/base`) instead of a fresh initialisation; the optimizer starts fresh.
+    /// Its transformer, text encoder and tokenizer must be the ones the three paths above describe.
+    /// Ignored by `--resume`, whose checkpoint holds the weights.
+    pub init_from: Option<PathBuf>,
     /// Optimizer steps.
     pub steps: usize,
     /// Freshly rendered scenes per step.
@@ -470,6 +475,7 @@ impl Default for PretrainConfig {
             transformer_config: PathBuf::from("configs/shapes/transformer.json"),
             text_encoder_config: PathBuf::from("configs/shapes/text_encoder.json"),
             tokenizer: PathBuf::from("configs/shapes/tokenizer.json"),
+            init_from: None,
             steps: 3000,
             batch_size: 64,
             learning_rate: 1e-3,

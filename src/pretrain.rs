@@ -202,6 +202,63 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
     })
 }
 
+/// Sets `vars` (named `transformer.*` / `text_encoder.*`) to the weights of the pipeline folder `dir`
+/// (`pretrain.init_from`), after checking that it holds the model the config describes.
+fn init_from_pipeline(
+    dir: &Path,
+    inputs: &Inputs,
+    vars: &[(String, Var)],
+    dev: &Device,
+) -> Result<()> {
+    let what = format!("pretrain.init_from = {}", dir.display());
+    let src =
+        ShapesPipeline::load(dir, &crate::model::Trainable::Full, dev).context(what.clone())?;
+    if src.transformer.cfg != inputs.tcfg {
+        bail!(
+            "{what}: its transformer/config.json differs from pretrain.transformer_config \
+             (theirs: {:?}; the config's: {:?})",
+            src.transformer.cfg,
+            inputs.tcfg
+        );
+    }
+    if src.text.cfg != inputs.ecfg {
+        bail!(
+            "{what}: its text_encoder/config.json differs from pretrain.text_encoder_config \
+             (theirs: {:?}; the config's: {:?})",
+            src.text.cfg,
+            inputs.ecfg
+        );
+    }
+    if src.tokenizer.inner().get_vocab(true) != inputs.tokenizer.inner().get_vocab(true) {
+        bail!("{what}: its tokenizer's vocabulary differs from pretrain.tokenizer's");
+    }
+    let mut have: HashMap<String, Var> = HashMap::new();
+    for (n, v) in src.transformer.trainable_vars() {
+        have.insert(format!("transformer.{n}"), v);
+    }
+    for (n, v) in src.text.vars() {
+        have.insert(format!("text_encoder.{n}"), v);
+    }
+    for (name, var) in vars {
+        let t = have
+            .remove(name)
+            .with_context(|| format!("{what}: the folder has no weight for {name}"))?;
+        if t.dims() != var.dims() {
+            bail!(
+                "{what}: {name} has shape {:?}, the model {:?}",
+                t.dims(),
+                var.dims()
+            );
+        }
+        var.set(t.as_tensor())?;
+    }
+    if let Some(extra) = have.keys().next() {
+        bail!("{what}: the folder holds {extra}, which the model does not have");
+    }
+    tracing::info!("initialised the weights from {}", dir.display());
+    Ok(())
+}
+
 fn eval_json(step: usize, wall_s: f64, r: &crate::eval::EvalResult) -> serde_json::Value {
     let s = &r.summary;
     serde_json::json!({
@@ -259,6 +316,9 @@ pub fn run_until(
     }
     for (n, v) in pipe.text.vars() {
         vars.push((format!("text_encoder.{n}"), v));
+    }
+    if let (Some(dir), false) = (&pt.init_from, resume) {
+        init_from_pipeline(dir, &inputs, &vars, dev)?;
     }
     let mut opt = AdamW::new(
         vars.clone(),

@@ -203,6 +203,70 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
+fn max_diff(a: &[(String, Vec<f32>)], b: &[(String, Vec<f32>)]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    let mut m = 0f32;
+    for ((ka, va), (kb, vb)) in a.iter().zip(b) {
+        assert_eq!(ka, kb);
+        for (x, y) in va.iter().zip(vb) {
+            m = m.max((x - y).abs());
+        }
+    }
+    m
+}
+
+#[test]
+fn pretrain_init_from_starts_from_a_saved_pipeline_and_refuses_another_model() {
+    let dir = tmp("init");
+    let mut cfg = tiny_config(&dir, 2);
+    // Large steps, so that the source is far from the fresh initialisation (the same seed).
+    cfg.pretrain.learning_rate = 5e-2;
+    let dev = Device::Cpu;
+    let a = dir.join("a");
+    dgpo::pretrain::run(&cfg, &a, false, &dev).unwrap();
+    let source = model_tensors(&a.join("model"));
+
+    // With a learning rate too small to move an f32 weight, the saved model is the source model...
+    let mut warm = cfg.clone();
+    warm.pretrain.init_from = Some(a.join("model"));
+    warm.pretrain.learning_rate = 1e-30;
+    dgpo::pretrain::run(&warm, &dir.join("b"), false, &dev).unwrap();
+    let d = max_diff(&source, &model_tensors(&dir.join("b/model")));
+    assert!(d < 1e-6, "warm start moved the weights by {d}");
+    // ...while the same run from a fresh initialisation is another model.
+    let mut cold = warm.clone();
+    cold.pretrain.init_from = None;
+    dgpo::pretrain::run(&cold, &dir.join("c"), false, &dev).unwrap();
+    let d = max_diff(&source, &model_tensors(&dir.join("c/model")));
+    assert!(d > 1e-2, "a fresh model equals the source to {d}");
+
+    // A folder holding another architecture is refused, naming the key and the file that differs.
+    let other = dir.join("other");
+    std::fs::create_dir_all(&other).unwrap();
+    let mut small = tiny_config(&other, 2);
+    let t = std::fs::read_to_string(other.join("transformer.json"))
+        .unwrap()
+        .replace("\"num_layers\": 1", "\"num_layers\": 2");
+    std::fs::write(other.join("transformer.json"), t).unwrap();
+    small.pretrain.init_from = Some(a.join("model"));
+    let e = format!(
+        "{:#}",
+        dgpo::pretrain::run(&small, &dir.join("d"), false, &dev).unwrap_err()
+    );
+    assert!(
+        e.contains("pretrain.init_from") && e.contains("transformer/config.json"),
+        "{e}"
+    );
+    // And a folder that is no pipeline at all is named.
+    small.pretrain.init_from = Some(dir.clone());
+    let e = format!(
+        "{:#}",
+        dgpo::pretrain::run(&small, &dir.join("e"), false, &dev).unwrap_err()
+    );
+    assert!(e.contains("not a shapes pipeline folder"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
 #[test]
 fn versioned_tokenizer_covers_the_prompt_space_exactly() {
     let (train, test) = dgpo::shapes::prompt_split();
