@@ -202,6 +202,23 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
     })
 }
 
+/// Fails, naming both sides, when the `part/config.json` of the `pretrain.init_from` folder differs from
+/// the config's `pretrain.<part>_config`.
+fn same_config<T: PartialEq + std::fmt::Debug>(
+    what: &str,
+    part: &str,
+    theirs: &T,
+    ours: &T,
+) -> Result<()> {
+    if theirs != ours {
+        bail!(
+            "{what}: its {part}/config.json differs from pretrain.{part}_config \
+             (theirs: {theirs:?}; the config's: {ours:?})"
+        );
+    }
+    Ok(())
+}
+
 /// Sets `vars` (named `transformer.*` / `text_encoder.*`) to the weights of the pipeline folder `dir`
 /// (`pretrain.init_from`), after checking that it holds the model the config describes.
 fn init_from_pipeline(
@@ -213,22 +230,8 @@ fn init_from_pipeline(
     let what = format!("pretrain.init_from = {}", dir.display());
     let src =
         ShapesPipeline::load(dir, &crate::model::Trainable::Full, dev).context(what.clone())?;
-    if src.transformer.cfg != inputs.tcfg {
-        bail!(
-            "{what}: its transformer/config.json differs from pretrain.transformer_config \
-             (theirs: {:?}; the config's: {:?})",
-            src.transformer.cfg,
-            inputs.tcfg
-        );
-    }
-    if src.text.cfg != inputs.ecfg {
-        bail!(
-            "{what}: its text_encoder/config.json differs from pretrain.text_encoder_config \
-             (theirs: {:?}; the config's: {:?})",
-            src.text.cfg,
-            inputs.ecfg
-        );
-    }
+    same_config(&what, "transformer", &src.transformer.cfg, &inputs.tcfg)?;
+    same_config(&what, "text_encoder", &src.text.cfg, &inputs.ecfg)?;
     if src.tokenizer.inner().get_vocab(true) != inputs.tokenizer.inner().get_vocab(true) {
         bail!("{what}: its tokenizer's vocabulary differs from pretrain.tokenizer's");
     }
