@@ -219,6 +219,18 @@ fn same_config<T: PartialEq + std::fmt::Debug>(
     Ok(())
 }
 
+/// Every weight pretraining trains, named as in the pipeline folder: `transformer.<name>` for the
+/// transformer's, `text_encoder.<name>` for the text encoder's. The optimizer, the checkpoints and
+/// `pretrain.init_from` all go by these names.
+fn named_vars(pipe: &ShapesPipeline) -> Vec<(String, Var)> {
+    let transformer = pipe.transformer.trainable_vars().into_iter();
+    let text = pipe.text.vars().into_iter();
+    transformer
+        .map(|(n, v)| (format!("transformer.{n}"), v))
+        .chain(text.map(|(n, v)| (format!("text_encoder.{n}"), v)))
+        .collect()
+}
+
 /// Sets `vars` (named `transformer.*` / `text_encoder.*`) to the weights of the pipeline folder `dir`
 /// (`pretrain.init_from`), after checking that it holds the model the config describes.
 fn init_from_pipeline(
@@ -235,13 +247,7 @@ fn init_from_pipeline(
     if src.tokenizer.inner().get_vocab(true) != inputs.tokenizer.inner().get_vocab(true) {
         bail!("{what}: its tokenizer's vocabulary differs from pretrain.tokenizer's");
     }
-    let mut have: HashMap<String, Var> = HashMap::new();
-    for (n, v) in src.transformer.trainable_vars() {
-        have.insert(format!("transformer.{n}"), v);
-    }
-    for (n, v) in src.text.vars() {
-        have.insert(format!("text_encoder.{n}"), v);
-    }
+    let mut have: HashMap<String, Var> = named_vars(&src).into_iter().collect();
     for (name, var) in vars {
         let t = have
             .remove(name)
@@ -313,13 +319,7 @@ pub fn run_until(
         cfg.run.seed,
         dev,
     )?;
-    let mut vars: Vec<(String, Var)> = vec![];
-    for (n, v) in pipe.transformer.trainable_vars() {
-        vars.push((format!("transformer.{n}"), v));
-    }
-    for (n, v) in pipe.text.vars() {
-        vars.push((format!("text_encoder.{n}"), v));
-    }
+    let vars = named_vars(&pipe);
     if let (Some(dir), false) = (&pt.init_from, resume) {
         init_from_pipeline(dir, &inputs, &vars, dev)?;
     }
