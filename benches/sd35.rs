@@ -1,0 +1,206 @@
+//! Throughput of the transformer at SD3.5 scale, on any device: what a rollout step and an update
+//! chunk of `dgpo train` cost for a given transformer config, with random weights (no download).
+//! `scripts/bench_sd35_torch.py` measures the same work with PyTorch + diffusers + peft.
+//!
+//! * `rollout_step`: one guided velocity as the rollouts compute it — the conditional and the
+//!   unconditional halves in one batch of 2·B, no graph;
+//! * `train_chunk`: forward with graph and backward of a mean-squared loss for C images (the unit of
+//!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`.
+//!
+//! Output: one JSON object per line.
+//!
+//!     cargo bench --features cuda --bench sd35 -- --device cuda --dtype bf16
+//!     cargo bench --bench sd35 -- --config configs/shapes/transformer.json --resolution 32 \
+//!         --text-tokens 16 --batch 32 --chunk 8 --rank 8          # the shapes model on the CPU
+
+use std::path::PathBuf;
+use std::time::Instant;
+
+use anyhow::{bail, Context};
+use candle_core::{DType, Tensor};
+use dgpo::model::init::init_weights;
+use dgpo::model::lora::LoraSpec;
+use dgpo::model::{MMDiT, Trainable, TransformerConfig, WeightStore, Weights};
+use dgpo::sampling::{guided_velocity_at, Conditioning};
+
+struct Args {
+    device: String,
+    config: PathBuf,
+    dtype: DType,
+    resolution: usize,
+    batch: usize,
+    chunk: usize,
+    text_tokens: usize,
+    rank: usize,
+    reps: usize,
+}
+
+fn parse() -> anyhow::Result<Args> {
+    let mut a = Args {
+        device: "cpu".into(),
+        config: "configs/sd3.5-medium/transformer_config.json".into(),
+        dtype: DType::BF16,
+        resolution: 512,
+        batch: 16,
+        chunk: 4,
+        // 77 CLIP tokens + model.max_sequence_length = 128 T5 tokens, as configs/geneval.toml
+        text_tokens: 205,
+        rank: 64,
+        reps: 5,
+    };
+    let argv: Vec<String> = std::env::args().skip(1).collect();
+    let mut i = 0;
+    while i < argv.len() {
+        let key = argv[i].as_str();
+        if key == "--bench" {
+            i += 1;
+            continue;
+        }
+        let val = argv
+            .get(i + 1)
+            .with_context(|| format!("{key} needs a value"))?;
+        let num = || -> anyhow::Result<usize> {
+            val.parse()
+                .with_context(|| format!("{key} {val}: expected a whole number"))
+        };
+        match key {
+            "--device" => a.device = val.clone(),
+            "--config" => a.config = val.into(),
+            "--dtype" => {
+                a.dtype = match val.as_str() {
+                    "f32" => DType::F32,
+                    "bf16" => DType::BF16,
+                    "f16" => DType::F16,
+                    _ => bail!("--dtype {val}: expected f32, bf16 or f16"),
+                }
+            }
+            "--resolution" => a.resolution = num()?,
+            "--batch" => a.batch = num()?,
+            "--chunk" => a.chunk = num()?,
+            "--text-tokens" => a.text_tokens = num()?,
+            "--rank" => a.rank = num()?,
+            "--reps" => a.reps = num()?,
+            _ => bail!("unknown option {key}"),
+        }
+        i += 2;
+    }
+    Ok(a)
+}
+
+fn main() -> anyhow::Result<()> {
+    let a = parse()?;
+    let dev = dgpo::device(&a.device)?;
+    let cfg = TransformerConfig::from_json_file(&a.config)?;
+    let latent = a.resolution / 8;
+    let n_img = (latent / cfg.patch_size).pow(2);
+    let t0 = Instant::now();
+    // Random weights (std 0.02, no zero-initialised modulations) so that no path is trivially cheap.
+    let w = init_weights(&cfg, 0, &dev)?
+        .into_iter()
+        .map(|(k, v)| Ok((k, v.randn_like(0.0, 0.02)?.to_dtype(a.dtype)?)))
+        .collect::<candle_core::Result<_>>()?;
+    let spec = LoraSpec {
+        rank: a.rank,
+        alpha: 2.0 * a.rank as f64,
+        ..LoraSpec::paper_default()
+    };
+    let model = MMDiT::new(
+        &cfg,
+        WeightStore::new("bench", w, a.dtype),
+        &Trainable::Lora { spec, seed: 0 },
+        a.dtype,
+    )?;
+    dev.synchronize()?;
+    let params: usize = cfg
+        .linear_shapes()
+        .iter()
+        .map(|(_, i, o)| (i + 1) * o)
+        .sum();
+    let trainable: usize = model
+        .trainable_vars()
+        .iter()
+        .map(|(_, v)| v.elem_count())
+        .sum();
+    println!(
+        "{{\"bench\": \"setup\", \"device\": \"{}\", \"dtype\": \"{:?}\", \"params\": {params}, \"trainable\": {trainable}, \"image_tokens\": {n_img}, \"text_tokens\": {}, \"init_s\": {:.2}}}",
+        a.device,
+        a.dtype,
+        a.text_tokens,
+        t0.elapsed().as_secs_f64()
+    );
+
+    let c = cfg.in_channels;
+    let rnd = |shape: &[usize]| Tensor::randn(0f32, 1.0, shape, &dev)?.to_dtype(a.dtype);
+    let b = a.batch;
+    let x = rnd(&[b, c, latent, latent])?;
+    let cond = Conditioning {
+        context: rnd(&[b, a.text_tokens, cfg.joint_attention_dim])?,
+        pooled: rnd(&[b, cfg.pooled_projection_dim])?,
+    };
+    let uncond = Conditioning {
+        context: rnd(&[1, a.text_tokens, cfg.joint_attention_dim])?,
+        pooled: rnd(&[1, cfg.pooled_projection_dim])?,
+    }
+    .repeat(b)?;
+    let flops = cfg.forward_flops(n_img, a.text_tokens);
+    let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        f()?; // warm-up
+        dev.synchronize()?;
+        let mut v = Vec::with_capacity(a.reps);
+        for _ in 0..a.reps {
+            let s = Instant::now();
+            f()?;
+            dev.synchronize()?;
+            v.push(s.elapsed().as_secs_f64());
+        }
+        v.sort_by(|p, q| p.total_cmp(q));
+        Ok(v[a.reps / 2])
+    };
+
+    let step = time(&mut || {
+        guided_velocity_at(
+            &model,
+            &x,
+            500.0,
+            &cond,
+            Some(&uncond),
+            4.5,
+            Weights::PolicyNoGrad,
+        )?;
+        Ok(())
+    })?;
+    println!(
+        "{{\"bench\": \"rollout_step\", \"images\": {b}, \"forward_batch\": {}, \"ms\": {:.2}, \"tflops\": {:.2}}}",
+        2 * b,
+        step * 1e3,
+        2.0 * b as f64 * flops / step / 1e12
+    );
+
+    let n = a.chunk.min(b);
+    let xc = x.narrow(0, 0, n)?;
+    let target = Tensor::randn(0f32, 1.0, xc.shape(), &dev)?;
+    let tc = Tensor::full(500f32, n, &dev)?;
+    let (ctx, pooled) = (cond.context.narrow(0, 0, n)?, cond.pooled.narrow(0, 0, n)?);
+    let chunk = time(&mut || {
+        let v = model.forward(&xc, &tc, &ctx, &pooled, Weights::Policy)?;
+        let loss = (v.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
+        let grads = loss.backward()?;
+        // every LoRA weight gets its gradient, in f32
+        for (name, var) in model.trainable_vars() {
+            let g = grads
+                .get(var.as_tensor())
+                .with_context(|| format!("{name} got no gradient"))?;
+            if g.dtype() != DType::F32 {
+                bail!("LoRA gradient in {:?}, expected f32", g.dtype());
+            }
+        }
+        Ok(())
+    })?;
+    // Backward of a LoRA model ≈ one more forward (frozen weights get no weight gradient).
+    println!(
+        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"ms\": {:.2}, \"tflops\": {:.2}}}",
+        chunk * 1e3,
+        2.0 * n as f64 * flops / chunk / 1e12
+    );
+    Ok(())
+}
