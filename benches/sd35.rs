@@ -7,7 +7,9 @@
 //! * `train_chunk`: forward with graph and backward of a mean-squared loss for C images (the unit of
 //!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`.
 //!
-//! Output: one JSON object per line.
+//! Output: one JSON object per line, with the process's resident memory (`rss_gb` after set-up,
+//! `peak_rss_gb` during each benchmark: the memory the work needs on the CPU, host memory only on a
+//! GPU).
 //!
 //!     cargo bench --features cuda --bench sd35 -- --device cuda --dtype bf16
 //!     cargo bench --bench sd35 -- --config configs/shapes/transformer.json --resolution 32 \
@@ -87,6 +89,26 @@ fn parse() -> anyhow::Result<Args> {
     Ok(a)
 }
 
+/// Resident memory of this process in GB: (now, peak since the last reset); Linux only. On the CPU
+/// this is the benchmark's memory; on a GPU it is the host side only.
+fn rss_gb() -> (f64, f64) {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse::<f64>().ok())
+            .map_or(f64::NAN, |kb| kb / 1e6)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Starts a new peak for [`rss_gb`] (writing 5 to /proc/self/clear_refs resets VmHWM).
+fn reset_peak() {
+    let _ = std::fs::write("/proc/self/clear_refs", "5");
+}
+
 fn main() -> anyhow::Result<()> {
     let a = parse()?;
     let dev = dgpo::device(&a.device)?;
@@ -122,11 +144,12 @@ fn main() -> anyhow::Result<()> {
         .map(|(_, v)| v.elem_count())
         .sum();
     println!(
-        "{{\"bench\": \"setup\", \"device\": \"{}\", \"dtype\": \"{:?}\", \"params\": {params}, \"trainable\": {trainable}, \"image_tokens\": {n_img}, \"text_tokens\": {}, \"init_s\": {:.2}}}",
+        "{{\"bench\": \"setup\", \"device\": \"{}\", \"dtype\": \"{:?}\", \"params\": {params}, \"trainable\": {trainable}, \"image_tokens\": {n_img}, \"text_tokens\": {}, \"init_s\": {:.2}, \"rss_gb\": {:.3}}}",
         a.device,
         a.dtype,
         a.text_tokens,
-        t0.elapsed().as_secs_f64()
+        t0.elapsed().as_secs_f64(),
+        rss_gb().0
     );
 
     let c = cfg.in_channels;
@@ -144,6 +167,7 @@ fn main() -> anyhow::Result<()> {
     .repeat(b)?;
     let flops = cfg.forward_flops(n_img, a.text_tokens);
     let time = |f: &mut dyn FnMut() -> anyhow::Result<()>| -> anyhow::Result<f64> {
+        reset_peak();
         f()?; // warm-up
         dev.synchronize()?;
         let mut v = Vec::with_capacity(a.reps);
@@ -170,10 +194,11 @@ fn main() -> anyhow::Result<()> {
         Ok(())
     })?;
     println!(
-        "{{\"bench\": \"rollout_step\", \"images\": {b}, \"forward_batch\": {}, \"ms\": {:.2}, \"tflops\": {:.2}}}",
+        "{{\"bench\": \"rollout_step\", \"images\": {b}, \"forward_batch\": {}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}}}",
         2 * b,
         step * 1e3,
-        2.0 * b as f64 * flops / step / 1e12
+        2.0 * b as f64 * flops / step / 1e12,
+        rss_gb().1
     );
 
     let n = a.chunk.min(b);
@@ -198,9 +223,10 @@ fn main() -> anyhow::Result<()> {
     })?;
     // Backward of a LoRA model ≈ one more forward (frozen weights get no weight gradient).
     println!(
-        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"ms\": {:.2}, \"tflops\": {:.2}}}",
+        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}}}",
         chunk * 1e3,
-        2.0 * n as f64 * flops / chunk / 1e12
+        2.0 * n as f64 * flops / chunk / 1e12,
+        rss_gb().1
     );
     Ok(())
 }
