@@ -232,6 +232,16 @@ pub struct DgpoTerms {
     pub group_scores: Vec<f32>,
 }
 
+impl DgpoTerms {
+    /// The mean group weight `σ(s_g)`: 0.5 while the policy equals the reference, towards 0 as it
+    /// already orders a group's losses the way its advantages ask (the update fades), towards 1 as
+    /// it orders them the wrong way.
+    pub fn mean_weight(&self) -> f32 {
+        let n = self.group_weights.len().max(1) as f32;
+        self.group_weights.iter().sum::<f32>() / n
+    }
+}
+
 fn values_f64(name: &str, t: &Tensor, n: usize) -> Result<Vec<f64>> {
     ensure!(
         t.dims() == [n],

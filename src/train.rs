@@ -701,7 +701,12 @@ pub fn run_until(
                         let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
                         ShardPass::backprop(
                             &terms.loss,
-                            [terms.policy_loss, terms.kl, terms.clip_frac],
+                            [
+                                terms.policy_loss,
+                                terms.kl,
+                                terms.clip_frac,
+                                terms.mean_weight(),
+                            ],
                             len as f64 / n as f64,
                             passes,
                         )
@@ -733,6 +738,7 @@ pub fn run_until(
             "kind": "train", "epoch": epoch, "opt_step": step, "wall_s": wall,
             "reward_mean": rmean, "loss": tot.loss / passes, "policy_loss": tot.policy / passes,
             "kl": tot.kl / passes, "clip_frac": tot.clip / passes, "grad_norm": gn,
+            "dpo_weight_mean": tot.weight / passes,
             "zero_std_ratio": adv.zero_std_groups as f64 / n_groups as f64,
             "adv_abs_mean": mean(&adv.values.iter().map(|a| a.abs()).collect::<Vec<_>>()),
             "timesteps": js.iter().map(|&j| sched.timesteps[j]).collect::<Vec<_>>(),
@@ -744,10 +750,11 @@ pub fn run_until(
         }
         append_metrics(&metrics, &line)?;
         println!(
-            "epoch {epoch:>4}  step {step:>4}  reward {rmean:.3}  loss {:+.4}  kl {:.4}  clip {:.2}  |g| {gn:.3}  zero-std {}/{}  {:.0}+{:.0}+{:.0} s",
+            "epoch {epoch:>4}  step {step:>4}  reward {rmean:.3}  loss {:+.4}  kl {:.4}  clip {:.2}  w {:.2}  |g| {gn:.3}  zero-std {}/{}  {:.0}+{:.0}+{:.0} s",
             tot.loss / passes,
             tot.kl / passes,
             tot.clip / passes,
+            tot.weight / passes,
             adv.zero_std_groups,
             n_groups,
             roll_s,
@@ -805,6 +812,8 @@ struct ShardPass {
     policy_loss: f32,
     kl: f32,
     clip_frac: f32,
+    /// DGPO: the mean group weight `σ(s_g)` of the shard's groups (0 for Flow-GRPO).
+    weight: f32,
     share: f64,
     loss: f32,
     grads: Option<candle_core::backprop::GradStore>,
@@ -812,9 +821,7 @@ struct ShardPass {
 
 impl ShardPass {
     fn new(
-        policy_loss: f32,
-        kl: f32,
-        clip_frac: f32,
+        [policy_loss, kl, clip_frac, weight]: [f32; 4],
         share: f64,
         loss: f32,
         grads: Option<candle_core::backprop::GradStore>,
@@ -823,6 +830,7 @@ impl ShardPass {
             policy_loss,
             kl,
             clip_frac,
+            weight,
             share,
             loss,
             grads,
@@ -835,14 +843,14 @@ impl ShardPass {
     /// backpropagated with weight `share / passes` — gradients accumulate over all micro-batches and
     /// timestep indices into one step per epoch, the loss averaged over the passes as accelerate's
     /// accumulation does.
-    fn backprop(loss: &Tensor, terms: [f32; 3], share: f64, passes: f64) -> Result<Self> {
+    fn backprop(loss: &Tensor, terms: [f32; 4], share: f64, passes: f64) -> Result<Self> {
         let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let grads = if lv.is_finite() {
             Some((loss * (share / passes))?.backward()?)
         } else {
             None
         };
-        Ok(Self::new(terms[0], terms[1], terms[2], share, lv, grads))
+        Ok(Self::new(terms, share, lv, grads))
     }
 }
 
@@ -852,6 +860,7 @@ struct PassTotals {
     policy: f64,
     kl: f64,
     clip: f64,
+    weight: f64,
     loss: f64,
 }
 
@@ -880,6 +889,7 @@ impl PassTotals {
             self.policy += p.share * p.policy_loss as f64;
             self.kl += p.share * p.kl as f64;
             self.clip += p.share * p.clip_frac as f64;
+            self.weight += p.share * p.weight as f64;
             self.loss += p.share * p.loss as f64;
         }
         Ok(())
@@ -932,9 +942,12 @@ fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
     let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
     if !lv.is_finite() {
         return Ok(vec![ShardPass::new(
-            terms.policy_loss,
-            terms.kl,
-            terms.clip_frac,
+            [
+                terms.policy_loss,
+                terms.kl,
+                terms.clip_frac,
+                terms.mean_weight(),
+            ],
             1.0,
             lv,
             None,
@@ -970,9 +983,12 @@ fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
             let first = lo == 0;
             let f = |x: f32| if first { x } else { 0.0 };
             Ok(ShardPass::new(
-                f(terms.policy_loss),
-                f(terms.kl),
-                f(terms.clip_frac),
+                [
+                    f(terms.policy_loss),
+                    f(terms.kl),
+                    f(terms.clip_frac),
+                    f(terms.mean_weight()),
+                ],
                 if first { 1.0 } else { 0.0 },
                 f(lv),
                 Some(grads),
@@ -1066,7 +1082,7 @@ fn grpo_pass(p: GrpoPass) -> Result<Vec<ShardPass>> {
         )?;
         ShardPass::backprop(
             &terms.loss,
-            [terms.policy_loss, terms.kl, terms.clip_frac],
+            [terms.policy_loss, terms.kl, terms.clip_frac, 0.0],
             len as f64 / n as f64,
             p.passes,
         )
