@@ -5,7 +5,9 @@
 //! * `rollout_step`: one guided velocity as the rollouts compute it — the conditional and the
 //!   unconditional halves in one batch of 2·B, no graph;
 //! * `train_chunk`: forward with graph and backward of a mean-squared loss for C images (the unit of
-//!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`.
+//!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`; with
+//!   `--checkpointing`, as `train.gradient_checkpointing` does it (a forward without graph, then the
+//!   blocks recomputed one at a time in the backward).
 //!
 //! Output: one JSON object per line, with the process's resident memory (`rss_gb` after set-up,
 //! `peak_rss_gb` during each benchmark: the memory the work needs on the CPU, host memory only on a
@@ -35,6 +37,7 @@ struct Args {
     text_tokens: usize,
     rank: usize,
     reps: usize,
+    checkpointing: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -49,12 +52,18 @@ fn parse() -> anyhow::Result<Args> {
         text_tokens: 205,
         rank: 64,
         reps: 5,
+        checkpointing: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
     while i < argv.len() {
         let key = argv[i].as_str();
         if key == "--bench" {
+            i += 1;
+            continue;
+        }
+        if key == "--checkpointing" {
+            a.checkpointing = true;
             i += 1;
             continue;
         }
@@ -207,13 +216,28 @@ fn main() -> anyhow::Result<()> {
     let tc = Tensor::full(500f32, n, &dev)?;
     let (ctx, pooled) = (cond.context.narrow(0, 0, n)?, cond.pooled.narrow(0, 0, n)?);
     let chunk = time(&mut || {
-        let v = model.forward(&xc, &tc, &ctx, &pooled, Weights::Policy)?;
-        let loss = (v.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
-        let grads = loss.backward()?;
+        let grads = if a.checkpointing {
+            // train.gradient_checkpointing: the loss's gradient at the output, then the blocks
+            // recomputed one at a time.
+            let v = model.forward(&xc, &tc, &ctx, &pooled, Weights::PolicyNoGrad)?;
+            let v = candle_core::Var::from_tensor(&v.to_dtype(DType::F32)?)?;
+            let mut g = (v.as_tensor() - &target)?.sqr()?.mean_all()?.backward()?;
+            let gv = g.remove(v.as_tensor()).context("no output gradient")?;
+            model.checkpointed_backward(&xc, &tc, &ctx, &pooled, &gv)?
+        } else {
+            let v = model.forward(&xc, &tc, &ctx, &pooled, Weights::Policy)?;
+            let loss = (v.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
+            let g = loss.backward()?;
+            model
+                .trainable_vars()
+                .into_iter()
+                .filter_map(|(_, v)| Some((v.id(), g.get(v.as_tensor())?.clone())))
+                .collect()
+        };
         // every LoRA weight gets its gradient, in f32
         for (name, var) in model.trainable_vars() {
             let g = grads
-                .get(var.as_tensor())
+                .get(&var.id())
                 .with_context(|| format!("{name} got no gradient"))?;
             if g.dtype() != DType::F32 {
                 bail!("LoRA gradient in {:?}, expected f32", g.dtype());
@@ -223,7 +247,8 @@ fn main() -> anyhow::Result<()> {
     })?;
     // Backward of a LoRA model ≈ one more forward (frozen weights get no weight gradient).
     println!(
-        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}}}",
+        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"checkpointing\": {}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}}}",
+        a.checkpointing,
         chunk * 1e3,
         2.0 * n as f64 * flops / chunk / 1e12,
         rss_gb().1

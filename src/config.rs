@@ -200,6 +200,11 @@ pub struct TrainConfig {
     /// differentiated this many at a time with those weights fixed. The gradient is the same; the
     /// price is one extra forward.
     pub backward_chunk: usize,
+    /// DGPO: gradient checkpointing. The transformer's blocks run forward without a graph, keeping
+    /// only each block's inputs, and are run again one at a time during the backward pass: the
+    /// activation memory of one block instead of all of them, for one more forward of the blocks.
+    /// Same gradient (up to summation order). Combines with `backward_chunk`.
+    pub gradient_checkpointing: bool,
     pub learning_rate: f64,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
@@ -284,6 +289,7 @@ impl Default for TrainConfig {
             ema_decay: 0.9,
             ema_every: 8,
             backward_chunk: 0,
+            gradient_checkpointing: false,
             algorithm: Algorithm::Dgpo,
             noise_level: 0.7,
             timestep_fraction: 0.99,
@@ -677,6 +683,11 @@ impl Config {
         need(
             t.backward_chunk == 0 || t.algorithm == Algorithm::Dgpo,
             "train.backward_chunk applies to the DGPO update only (train.algorithm = \"dgpo\")"
+                .into(),
+        );
+        need(
+            !t.gradient_checkpointing || t.algorithm == Algorithm::Dgpo,
+            "train.gradient_checkpointing applies to the DGPO update only (train.algorithm = \"dgpo\")"
                 .into(),
         );
         if t.algorithm == Algorithm::FlowGrpo {

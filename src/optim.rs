@@ -58,8 +58,21 @@ impl AdamW {
 
     /// Add the gradients of one backward pass.
     pub fn add(&self, acc: &mut GradAccum, grads: &GradStore) -> Result<()> {
+        self.add_with(acc, |v| grads.get(v.as_tensor()))
+    }
+
+    /// [`Self::add`] for gradients held by var id ([`crate::model::VarGrads`]).
+    pub fn add_var_grads(&self, acc: &mut GradAccum, grads: &crate::model::VarGrads) -> Result<()> {
+        self.add_with(acc, |v| grads.get(&v.id()))
+    }
+
+    fn add_with<'a>(
+        &self,
+        acc: &mut GradAccum,
+        get: impl Fn(&Var) -> Option<&'a Tensor>,
+    ) -> Result<()> {
         for (slot, (_, var)) in acc.grads.iter_mut().zip(&self.vars) {
-            if let Some(g) = grads.get(var.as_tensor()) {
+            if let Some(g) = get(var) {
                 let g = g.detach().to_dtype(DType::F32)?;
                 *slot = Some(match slot.take() {
                     Some(s) => (s + g)?,

@@ -28,7 +28,8 @@ pub struct ModelPlan {
     pub image_tokens: usize,
     pub text_tokens: usize,
     /// Bytes: frozen weights, trainable state (values, gradients, two Adam moments, two EMAs),
-    /// activations kept for one backward pass (the micro-batch, or `train.backward_chunk` images).
+    /// activations kept for one backward pass (the micro-batch, or `train.backward_chunk` images; one
+    /// block's worth with `train.gradient_checkpointing`).
     pub weights_bytes: usize,
     pub trainable_bytes: usize,
     pub activation_bytes: usize,
@@ -204,7 +205,12 @@ fn model_plan(cfg: &Config, source: PathBuf, m: &TransformerConfig) -> ModelPlan
         0 => cfg.train.batch_size,
         c => c.min(cfg.train.batch_size),
     };
-    let activation = at_once * m.num_layers * per_layer * 4;
+    // Gradient checkpointing keeps each block's input tokens and one block's graph at a time.
+    let activation = if cfg.train.gradient_checkpointing {
+        at_once * (m.num_layers * tokens * d + per_layer) * 4
+    } else {
+        at_once * m.num_layers * per_layer * 4
+    };
     let mut weights = base * cfg.model.dtype.bytes();
     if !cfg.lora.enabled {
         weights += m.num_params() * cfg.model.dtype.bytes(); // the frozen reference copy

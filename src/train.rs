@@ -666,7 +666,8 @@ pub fn run_until(
                 })?;
                 // The policy forward, loss and backward: one shard of whole groups per worker. The
                 // loss is a mean over samples, so shard losses weighted by their share sum to it.
-                let chunked = t.backward_chunk > 0 && t.backward_chunk < n;
+                let chunked =
+                    t.gradient_checkpointing || (t.backward_chunk > 0 && t.backward_chunk < n);
                 let parts = if chunked {
                     chunked_dgpo_pass(ChunkedPass {
                         model: m,
@@ -680,7 +681,11 @@ pub fn run_until(
                         group: g,
                         params: &params,
                         passes,
-                        chunk: t.backward_chunk,
+                        chunk: match t.backward_chunk {
+                            0 => n.div_ceil(workers.max(1)),
+                            c => c,
+                        },
+                        checkpoint: t.gradient_checkpointing,
                         workers,
                     })?
                 } else {
@@ -816,7 +821,14 @@ struct ShardPass {
     weight: f32,
     share: f64,
     loss: f32,
-    grads: Option<candle_core::backprop::GradStore>,
+    grads: Option<PassGrads>,
+}
+
+/// A shard's gradients: one backward's store, or the trainable vars' gradients of a checkpointed
+/// backward.
+enum PassGrads {
+    Store(candle_core::backprop::GradStore),
+    Vars(crate::model::VarGrads),
 }
 
 impl ShardPass {
@@ -824,7 +836,7 @@ impl ShardPass {
         [policy_loss, kl, clip_frac, weight]: [f32; 4],
         share: f64,
         loss: f32,
-        grads: Option<candle_core::backprop::GradStore>,
+        grads: Option<PassGrads>,
     ) -> Self {
         Self {
             policy_loss,
@@ -846,7 +858,7 @@ impl ShardPass {
     fn backprop(loss: &Tensor, terms: [f32; 4], share: f64, passes: f64) -> Result<Self> {
         let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let grads = if lv.is_finite() {
-            Some((loss * (share / passes))?.backward()?)
+            Some(PassGrads::Store((loss * (share / passes))?.backward()?))
         } else {
             None
         };
@@ -885,7 +897,10 @@ impl PassTotals {
                     p.kl
                 );
             };
-            opt.add(acc, grads)?;
+            match grads {
+                PassGrads::Store(g) => opt.add(acc, g)?,
+                PassGrads::Vars(g) => opt.add_var_grads(acc, g)?,
+            }
             self.policy += p.share * p.policy_loss as f64;
             self.kl += p.share * p.kl as f64;
             self.clip += p.share * p.clip_frac as f64;
@@ -910,6 +925,9 @@ struct ChunkedPass<'a> {
     params: &'a DgpoParams,
     passes: f64,
     chunk: usize,
+    /// Gradient checkpointing (`train.gradient_checkpointing`): each chunk's backward recomputes the
+    /// transformer one block at a time.
+    checkpoint: bool,
     workers: usize,
 }
 
@@ -967,18 +985,33 @@ fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
             let (lo, len) = (r.start, r.len());
             let cond = p.cond.narrow(r.clone())?;
             let tt = Tensor::full(p.tj, len, &dev)?;
-            let v = m.forward(
-                &p.xt.narrow(0, lo, len)?,
-                &tt,
-                &cond.context,
-                &cond.pooled,
-                Weights::Policy,
-            )?;
-            let lt = per_sample_mse(&p.target.narrow(0, lo, len)?, &v)?;
-            let k = per_sample_mse(&v, &p.v_ref.narrow(0, lo, len)?.detach())?;
-            let surrogate = ((lt * c_theta.narrow(0, lo, len)?)?.sum_all()?
-                + (k * c_kl.narrow(0, lo, len)?)?.sum_all()?)?;
-            let grads = (surrogate / p.passes)?.backward()?;
+            let xt = p.xt.narrow(0, lo, len)?;
+            let surrogate = |v: &Tensor| -> Result<Tensor> {
+                let lt = per_sample_mse(&p.target.narrow(0, lo, len)?, v)?;
+                let k = per_sample_mse(v, &p.v_ref.narrow(0, lo, len)?.detach())?;
+                let s = ((lt * c_theta.narrow(0, lo, len)?)?.sum_all()?
+                    + (k * c_kl.narrow(0, lo, len)?)?.sum_all()?)?;
+                Ok((s / p.passes)?)
+            };
+            let grads = if p.checkpoint {
+                // The gradient at the output, from the no-graph velocities computed above; then
+                // the transformer's backward one recomputed block at a time.
+                let v = candle_core::Var::from_tensor(&v_pol.narrow(0, lo, len)?)?;
+                let mut g = surrogate(v.as_tensor())?.backward()?;
+                let gv = g
+                    .remove(v.as_tensor())
+                    .context("the DGPO loss gave no gradient for the velocities")?;
+                PassGrads::Vars(m.checkpointed_backward(
+                    &xt,
+                    &tt,
+                    &cond.context,
+                    &cond.pooled,
+                    &gv,
+                )?)
+            } else {
+                let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+                PassGrads::Store(surrogate(&v)?.backward()?)
+            };
             // The loss terms, computed once above, travel with the first chunk.
             let first = lo == 0;
             let f = |x: f32| if first { x } else { 0.0 };

@@ -194,7 +194,37 @@ fn chunked_backward_gives_the_gradient_of_the_whole_micro_batch() {
     // Chunks of 3 images cut across the groups the loss couples.
     cfg.train.backward_chunk = 3;
     dgpo::train::run(&cfg, &dir.join("chunked"), false, &dev).unwrap();
-    let (a, b) = (metrics(&dir.join("whole")), metrics(&dir.join("chunked")));
+    // Gradient checkpointing, alone and with chunks.
+    cfg.train.gradient_checkpointing = true;
+    dgpo::train::run(&cfg, &dir.join("chunked-ckpt"), false, &dev).unwrap();
+    cfg.train.backward_chunk = 0;
+    dgpo::train::run(&cfg, &dir.join("ckpt"), false, &dev).unwrap();
+    for other in ["chunked", "chunked-ckpt", "ckpt"] {
+        same_update(&dir, "whole", other);
+    }
+    let e = Config::from_toml(
+        "[train]\nbatch_size = 4\nbackward_chunk = 5\n",
+        "bad.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("backward_chunk"), "{e}");
+    let e = Config::from_toml(
+        "[sample]\nsampler = \"euler\"\n[train]\nalgorithm = \"flow_grpo\"\ngradient_checkpointing = true\n",
+        "bad.toml",
+        &[],
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(e.contains("gradient_checkpointing"), "{e}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+/// Two runs of `chunked_backward_…` took the same two updates: loss terms, gradient norms, weights.
+fn same_update(dir: &std::path::Path, run_a: &str, run_b: &str) {
+    let dev = Device::Cpu;
+    let (a, b) = (metrics(&dir.join(run_a)), metrics(&dir.join(run_b)));
     let train = |m: &[serde_json::Value]| -> Vec<(f64, f64, f64)> {
         m.iter()
             .filter(|v| v["kind"] == "train")
@@ -214,7 +244,7 @@ fn chunked_backward_gives_the_gradient_of_the_whole_micro_batch() {
         for (x, y, what) in [(la, lb, "loss"), (ka, kb, "kl"), (ga, gb, "grad_norm")] {
             assert!(
                 (x - y).abs() <= 1e-4 * (1.0 + x.abs()),
-                "{what}: whole {x} vs chunked {y}"
+                "{what}: {run_a} {x} vs {run_b} {y}"
             );
         }
     }
@@ -226,21 +256,15 @@ fn chunked_backward_gives_the_gradient_of_the_whole_micro_batch() {
         )
         .unwrap()
     };
-    let (wa, wb) = (load("whole"), load("chunked"));
+    let (wa, wb) = (load(run_a), load(run_b));
     let mut worst = 0f64;
     for (k, v) in &wa {
         if k.starts_with("raw.") {
             worst = worst.max(common::max_abs_diff(v, &wb[k]));
         }
     }
-    assert!(worst < 1e-5, "weights differ by {worst:e}");
-    let e = Config::from_toml(
-        "[train]\nbatch_size = 4\nbackward_chunk = 5\n",
-        "bad.toml",
-        &[],
-    )
-    .unwrap_err()
-    .to_string();
-    assert!(e.contains("backward_chunk"), "{e}");
-    std::fs::remove_dir_all(&dir).unwrap();
+    assert!(
+        worst < 1e-5,
+        "{run_a} and {run_b}: weights differ by {worst:e}"
+    );
 }

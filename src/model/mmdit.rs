@@ -22,6 +22,17 @@ pub enum Trainable {
     Full,
 }
 
+/// Gradients of trainable vars, by the var's tensor id ([`MMDiT::checkpointed_backward`]).
+pub type VarGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;
+
+/// Batch size and latent size of a forward, from the stem to the head.
+#[derive(Debug, Clone, Copy)]
+struct Grid {
+    bsz: usize,
+    h: usize,
+    wd: usize,
+}
+
 /// The SD3 / SD3.5 transformer.
 #[derive(Debug, Clone)]
 pub struct MMDiT {
@@ -138,6 +149,133 @@ impl MMDiT {
         pooled: &Tensor,
         w: Weights,
     ) -> Result<Tensor> {
+        let (mut img, mut ctx, temb_act, grid) = self.stem(x, t, context, pooled, w)?;
+        for block in &self.blocks {
+            let (xi, ci) = block.forward(&img, &ctx, &temb_act, w)?;
+            img = xi;
+            if let Some(ci) = ci {
+                ctx = ci;
+            }
+        }
+        self.head(&img, &temb_act, grid, w)
+    }
+
+    /// Gradient checkpointing: the gradients of `Σ grad_out ⊙ forward(x, t, context, pooled)` with
+    /// respect to the trainable weights (`Weights::Policy`), with the activation memory of one
+    /// block instead of the whole network. The blocks run forward without a graph, keeping only
+    /// each block's inputs; then, from the last block to the first, each block is run again with a
+    /// graph from its saved inputs and differentiated against the gradient that flows into its
+    /// outputs, which gives its weights' gradients and the gradient for the block before it. Costs
+    /// one more forward of the blocks. Returns each trainable var's gradient by tensor id, the
+    /// gradient of one backward through `forward` (up to summation order). Each piece's gradient
+    /// store is reduced to the trainable vars at once: Candle's stores also keep the gradients of
+    /// the frozen tensors the graph reached, views that would hold a block's activations alive.
+    pub fn checkpointed_backward(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        grad_out: &Tensor,
+    ) -> Result<VarGrads> {
+        let (img0, ctx0, temb, grid) = self.stem(x, t, context, pooled, Weights::Policy)?;
+        let temb_d = temb.detach();
+        let mut saved = Vec::with_capacity(self.blocks.len());
+        let (mut img, mut ctx) = (img0.detach(), ctx0.detach());
+        for block in &self.blocks {
+            let (xi, ci) = block.forward(&img, &ctx, &temb_d, Weights::PolicyNoGrad)?;
+            let next_ctx = ci.unwrap_or_else(|| ctx.clone());
+            saved.push((
+                std::mem::replace(&mut img, xi),
+                std::mem::replace(&mut ctx, next_ctx),
+            ));
+        }
+        // Gradients flowing between pieces, and their sums, in f32 (f64 for an f64 model).
+        let acc = if self.dtype == DType::F64 {
+            DType::F64
+        } else {
+            DType::F32
+        };
+        // Take a leaf's gradient out of a store, zeros when it had none.
+        let take = |g: &mut candle_core::backprop::GradStore, leaf: &Var| -> Result<Tensor> {
+            Ok(match g.remove(leaf.as_tensor()) {
+                Some(t) => t.to_dtype(acc)?,
+                None => leaf.as_tensor().zeros_like()?.to_dtype(acc)?,
+            })
+        };
+        let dot = |a: &Tensor, g: &Tensor| -> Result<Tensor> {
+            Ok((a * g.to_dtype(a.dtype())?)?.sum_all()?.to_dtype(acc)?)
+        };
+        let vars: Vec<Var> = self.trainable_vars().into_iter().map(|(_, v)| v).collect();
+        let mut grads = VarGrads::new();
+        let mut keep = |g: candle_core::backprop::GradStore| -> Result<()> {
+            for v in &vars {
+                if let Some(t) = g.get(v.as_tensor()) {
+                    let t = t.detach();
+                    let sum = match grads.remove(&v.id()) {
+                        Some(s) => (s + t)?,
+                        None => t,
+                    };
+                    grads.insert(v.id(), sum);
+                }
+            }
+            Ok(())
+        };
+        let leaf_img = Var::from_tensor(&img)?;
+        let leaf_t = Var::from_tensor(&temb_d)?;
+        let out = self.head(
+            leaf_img.as_tensor(),
+            leaf_t.as_tensor(),
+            grid,
+            Weights::Policy,
+        )?;
+        let mut g = dot(&out, grad_out)?.backward()?;
+        let mut g_img = take(&mut g, &leaf_img)?;
+        let mut g_t = take(&mut g, &leaf_t)?;
+        // The head reads no context tokens.
+        let mut g_ctx = ctx.zeros_like()?.to_dtype(acc)?;
+        keep(g)?;
+        for (block, (bi, bc)) in self.blocks.iter().zip(saved).rev() {
+            let (li, lc, lt) = (
+                Var::from_tensor(&bi)?,
+                Var::from_tensor(&bc)?,
+                Var::from_tensor(&temb_d)?,
+            );
+            let (xi, ci) = block.forward(
+                li.as_tensor(),
+                lc.as_tensor(),
+                lt.as_tensor(),
+                Weights::Policy,
+            )?;
+            let mut s = dot(&xi, &g_img)?;
+            if let Some(ci) = &ci {
+                s = (s + dot(ci, &g_ctx)?)?;
+            }
+            let mut g = s.backward()?;
+            g_img = take(&mut g, &li)?;
+            // A block without a context output passes its context input on unchanged.
+            g_ctx = match ci {
+                Some(_) => take(&mut g, &lc)?,
+                None => (take(&mut g, &lc)? + g_ctx)?,
+            };
+            g_t = (g_t + take(&mut g, &lt)?)?;
+            keep(g)?;
+        }
+        let s = ((dot(&img0, &g_img)? + dot(&ctx0, &g_ctx)?)? + dot(&temb, &g_t)?)?;
+        keep(s.backward()?)?;
+        Ok(grads)
+    }
+
+    /// Patch embedding, timestep and pooled-text embedding, context embedding: the blocks' inputs
+    /// `(image tokens, context tokens, silu(temb))` and the latent geometry for [`Self::head`].
+    fn stem(
+        &self,
+        x: &Tensor,
+        t: &Tensor,
+        context: &Tensor,
+        pooled: &Tensor,
+        w: Weights,
+    ) -> Result<(Tensor, Tensor, Tensor, Grid)> {
         let (bsz, c, h, wd) = x.dims4()?;
         self.check_inputs(x, t, context, pooled)?;
         let p = self.cfg.patch_size;
@@ -181,19 +319,19 @@ impl MMDiT {
             w,
         )?;
         let temb_act = (temb + yemb)?.silu()?;
-        let mut ctx = self
+        let ctx = self
             .context_embedder
             .forward(&context.to_dtype(self.dtype)?, w)?;
+        Ok((img, ctx, temb_act, Grid { bsz, h, wd }))
+    }
 
-        for block in &self.blocks {
-            let (xi, ci) = block.forward(&img, &ctx, &temb_act, w)?;
-            img = xi;
-            if let Some(ci) = ci {
-                ctx = ci;
-            }
-        }
-        let s = self.norm_out.forward(&temb_act, w)?.chunk(2, 1)?;
-        let img = modulate(&layer_norm_no_affine(&img, NORM_EPS)?, &s[1], &s[0])?;
+    /// Final adaLN, projection and unpatchify: image tokens → velocity `[B, C_out, H, W]`.
+    fn head(&self, img: &Tensor, temb_act: &Tensor, grid: Grid, w: Weights) -> Result<Tensor> {
+        let Grid { bsz, h, wd } = grid;
+        let p = self.cfg.patch_size;
+        let (gh, gw) = (h / p, wd / p);
+        let s = self.norm_out.forward(temb_act, w)?.chunk(2, 1)?;
+        let img = modulate(&layer_norm_no_affine(img, NORM_EPS)?, &s[1], &s[0])?;
         let out = self.proj_out.forward(&img, w)?; // [B, gh·gw, p·p·C_out]
         let co = self.cfg.out_channels;
         Ok(out

@@ -14,7 +14,7 @@ pub mod weights;
 pub use config::TransformerConfig;
 pub use linear::{Linear, Param, Weights};
 pub use lora::{LoraInit, LoraSpec};
-pub use mmdit::{MMDiT, Trainable};
+pub use mmdit::{MMDiT, Trainable, VarGrads};
 pub use weights::{WeightSource, WeightStore};
 
 use anyhow::Result;
