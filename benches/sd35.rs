@@ -113,6 +113,15 @@ fn rss_gb() -> (f64, f64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
+/// A figure in GB for the JSON line; `null` when not measured.
+fn json_gb(x: f64) -> String {
+    if x.is_finite() {
+        format!("{x:.3}")
+    } else {
+        "null".into()
+    }
+}
+
 /// Starts a new peak for [`rss_gb`] (writing 5 to /proc/self/clear_refs resets VmHWM).
 fn reset_peak() {
     let _ = std::fs::write("/proc/self/clear_refs", "5");
@@ -215,6 +224,9 @@ fn main() -> anyhow::Result<()> {
     let target = Tensor::randn(0f32, 1.0, xc.shape(), &dev)?;
     let tc = Tensor::full(500f32, n, &dev)?;
     let (ctx, pooled) = (cond.context.narrow(0, 0, n)?, cond.pooled.narrow(0, 0, n)?);
+    // Resident memory just after the plain backward, the graph dropped: with Candle's whole gradient
+    // store still held, then with only the trainable weights' gradients (what dgpo train keeps).
+    let mut held = (f64::NAN, f64::NAN);
     let chunk = time(&mut || {
         let grads = if a.checkpointing {
             // train.gradient_checkpointing: the loss's gradient at the output, then the blocks
@@ -228,11 +240,12 @@ fn main() -> anyhow::Result<()> {
             let v = model.forward(&xc, &tc, &ctx, &pooled, Weights::Policy)?;
             let loss = (v.to_dtype(DType::F32)? - &target)?.sqr()?.mean_all()?;
             let g = loss.backward()?;
-            model
-                .trainable_vars()
-                .into_iter()
-                .filter_map(|(_, v)| Some((v.id(), g.get(v.as_tensor())?.clone())))
-                .collect()
+            drop((v, loss));
+            let store = rss_gb().0;
+            let grads = model.trainable_grads(&g);
+            drop(g);
+            held = (store, rss_gb().0);
+            grads
         };
         // every LoRA weight gets its gradient, in f32
         for (name, var) in model.trainable_vars() {
@@ -247,11 +260,13 @@ fn main() -> anyhow::Result<()> {
     })?;
     // Backward of a LoRA model ≈ one more forward (frozen weights get no weight gradient).
     println!(
-        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"checkpointing\": {}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}}}",
+        "{{\"bench\": \"train_chunk\", \"images\": {n}, \"checkpointing\": {}, \"ms\": {:.2}, \"tflops\": {:.2}, \"peak_rss_gb\": {:.3}, \"rss_store_held_gb\": {}, \"rss_trainable_grads_gb\": {}}}",
         a.checkpointing,
         chunk * 1e3,
         2.0 * n as f64 * flops / chunk / 1e12,
-        rss_gb().1
+        rss_gb().1,
+        json_gb(held.0),
+        json_gb(held.1)
     );
     Ok(())
 }

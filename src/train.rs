@@ -705,6 +705,7 @@ pub fn run_until(
                         let kl_i = per_sample_mse(&v, &v_ref.detach())?;
                         let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl_i, &a[r], g, &params)?;
                         ShardPass::backprop(
+                            m,
                             &terms.loss,
                             [
                                 terms.policy_loss,
@@ -821,14 +822,8 @@ struct ShardPass {
     weight: f32,
     share: f64,
     loss: f32,
-    grads: Option<PassGrads>,
-}
-
-/// A shard's gradients: one backward's store, or the trainable vars' gradients of a checkpointed
-/// backward.
-enum PassGrads {
-    Store(candle_core::backprop::GradStore),
-    Vars(crate::model::VarGrads),
+    /// The trainable weights' gradients only ([`crate::model::MMDiT::trainable_grads`]).
+    grads: Option<crate::model::VarGrads>,
 }
 
 impl ShardPass {
@@ -836,7 +831,7 @@ impl ShardPass {
         [policy_loss, kl, clip_frac, weight]: [f32; 4],
         share: f64,
         loss: f32,
-        grads: Option<PassGrads>,
+        grads: Option<crate::model::VarGrads>,
     ) -> Self {
         Self {
             policy_loss,
@@ -855,10 +850,16 @@ impl ShardPass {
     /// backpropagated with weight `share / passes` — gradients accumulate over all micro-batches and
     /// timestep indices into one step per epoch, the loss averaged over the passes as accelerate's
     /// accumulation does.
-    fn backprop(loss: &Tensor, terms: [f32; 4], share: f64, passes: f64) -> Result<Self> {
+    fn backprop(
+        model: &crate::model::MMDiT,
+        loss: &Tensor,
+        terms: [f32; 4],
+        share: f64,
+        passes: f64,
+    ) -> Result<Self> {
         let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
         let grads = if lv.is_finite() {
-            Some(PassGrads::Store((loss * (share / passes))?.backward()?))
+            Some(model.trainable_grads(&(loss * (share / passes))?.backward()?))
         } else {
             None
         };
@@ -897,10 +898,7 @@ impl PassTotals {
                     p.kl
                 );
             };
-            match grads {
-                PassGrads::Store(g) => opt.add(acc, g)?,
-                PassGrads::Vars(g) => opt.add_var_grads(acc, g)?,
-            }
+            opt.add_var_grads(acc, grads)?;
             self.policy += p.share * p.policy_loss as f64;
             self.kl += p.share * p.kl as f64;
             self.clip += p.share * p.clip_frac as f64;
@@ -1001,16 +999,10 @@ fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
                 let gv = g
                     .remove(v.as_tensor())
                     .context("the DGPO loss gave no gradient for the velocities")?;
-                PassGrads::Vars(m.checkpointed_backward(
-                    &xt,
-                    &tt,
-                    &cond.context,
-                    &cond.pooled,
-                    &gv,
-                )?)
+                m.checkpointed_backward(&xt, &tt, &cond.context, &cond.pooled, &gv)?
             } else {
                 let v = m.forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
-                PassGrads::Store(surrogate(&v)?.backward()?)
+                m.trainable_grads(&surrogate(&v)?.backward()?)
             };
             // The loss terms, computed once above, travel with the first chunk.
             let first = lo == 0;
@@ -1114,6 +1106,7 @@ fn grpo_pass(p: GrpoPass) -> Result<Vec<ShardPass>> {
             p.t.beta_kl,
         )?;
         ShardPass::backprop(
+            p.model,
             &terms.loss,
             [terms.policy_loss, terms.kl, terms.clip_frac, 0.0],
             len as f64 / n as f64,

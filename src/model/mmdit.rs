@@ -168,8 +168,7 @@ impl MMDiT {
     /// outputs, which gives its weights' gradients and the gradient for the block before it. Costs
     /// one more forward of the blocks. Returns each trainable var's gradient by tensor id, the
     /// gradient of one backward through `forward` (up to summation order). Each piece's gradient
-    /// store is reduced to the trainable vars at once: Candle's stores also keep the gradients of
-    /// the frozen tensors the graph reached, views that would hold a block's activations alive.
+    /// store is reduced to the trainable vars at once ([`Self::trainable_grads`]).
     pub fn checkpointed_backward(
         &self,
         x: &Tensor,
@@ -206,18 +205,14 @@ impl MMDiT {
         let dot = |a: &Tensor, g: &Tensor| -> Result<Tensor> {
             Ok((a * g.to_dtype(a.dtype())?)?.sum_all()?.to_dtype(acc)?)
         };
-        let vars: Vec<Var> = self.trainable_vars().into_iter().map(|(_, v)| v).collect();
         let mut grads = VarGrads::new();
         let mut keep = |g: candle_core::backprop::GradStore| -> Result<()> {
-            for v in &vars {
-                if let Some(t) = g.get(v.as_tensor()) {
-                    let t = t.detach();
-                    let sum = match grads.remove(&v.id()) {
-                        Some(s) => (s + t)?,
-                        None => t,
-                    };
-                    grads.insert(v.id(), sum);
-                }
+            for (id, t) in self.trainable_grads(&g) {
+                let sum = match grads.remove(&id) {
+                    Some(s) => (s + t)?,
+                    None => t,
+                };
+                grads.insert(id, sum);
             }
             Ok(())
         };
@@ -264,6 +259,16 @@ impl MMDiT {
         let s = ((dot(&img0, &g_img)? + dot(&ctx0, &g_ctx)?)? + dot(&temb, &g_t)?)?;
         keep(s.backward()?)?;
         Ok(grads)
+    }
+
+    /// The trainable vars' gradients out of a backward's store. Keep these rather than the store:
+    /// Candle's store also holds gradients of tensors the graph reached that are not trained, views
+    /// that keep the whole pass's activations alive (measured: one image's 1.9 GB, SD3.5-M layers).
+    pub fn trainable_grads(&self, g: &candle_core::backprop::GradStore) -> VarGrads {
+        self.trainable_vars()
+            .into_iter()
+            .filter_map(|(_, v)| Some((v.id(), g.get(v.as_tensor())?.detach())))
+            .collect()
     }
 
     /// Patch embedding, timestep and pooled-text embedding, context embedding: the blocks' inputs
