@@ -447,6 +447,10 @@ pub struct PretrainConfig {
     /// `{ colors = 2.0, color_attr = 2.0 }`; a tag not named weighs 1. Empty (the default) draws the
     /// six tags uniformly, exactly as before the key existed.
     pub tag_weights: std::collections::BTreeMap<String, f64>,
+    /// Pixels between the allowed positions of a shape's top-left corner in the rendered scenes
+    /// (1 = any pixel, as the shipped base was trained; 4 = the patch size of the shapes model: every
+    /// shape sits at the same offset within its patches).
+    pub position_lattice: usize,
     pub timestep_sampling: TimestepSampling,
     pub logit_mean: f64,
     pub logit_std: f64,
@@ -491,6 +495,7 @@ impl Default for PretrainConfig {
             max_grad_norm: 1.0,
             caption_dropout: 0.1,
             tag_weights: Default::default(),
+            position_lattice: 1,
             timestep_sampling: TimestepSampling::LogitNormal,
             logit_mean: 0.0,
             logit_std: 1.0,
@@ -793,6 +798,13 @@ impl Config {
             "pretrain.tag_weights: every tag weighs 0; at least one must be positive".into(),
         );
         need(
+            (1..=8).contains(&pt.position_lattice),
+            format!(
+                "pretrain.position_lattice = {} must be between 1 and 8 pixels",
+                pt.position_lattice
+            ),
+        );
+        need(
             (0.0..1.0).contains(&pt.ema_decay),
             format!("pretrain.ema_decay = {} must be in [0, 1)", pt.ema_decay),
         );
@@ -995,6 +1007,15 @@ mod tests {
         assert!(e.contains("every tag weighs 0"), "{e}");
         let c = Config::from_toml(&format!("[pretrain.tag_weights]\n{zero}"), "t", &[]).unwrap();
         assert_eq!(c.pretrain.tag_weights.len(), 5);
+        for l in [0, 9] {
+            let e = bad(&format!("[pretrain]\nposition_lattice = {l}\n"));
+            assert!(
+                e.contains(&format!(
+                    "pretrain.position_lattice = {l} must be between 1 and 8"
+                )),
+                "{e}"
+            );
+        }
     }
 
     #[test]

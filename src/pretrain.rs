@@ -21,7 +21,7 @@ use crate::model::{TransformerConfig, Weights};
 use crate::optim::{AdamW, AdamWParams, Shadow};
 use crate::pipeline::{images_to_tensor, ShapesPipeline};
 use crate::sampling::seeded_randn;
-use crate::shapes::{random_metadata, random_metadata_of, scene_for};
+use crate::shapes::{random_metadata, random_metadata_of, scene_on_lattice};
 use crate::text::{ShapesTokenizer, TextEncoderConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -99,8 +99,12 @@ pub fn make_batch(
                 random_metadata_of(crate::geneval::TAGS[k], &mut rng)?
             }
         };
-        let scene = scene_for(&meta, &mut rng)
-            .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
+        let scene = scene_on_lattice(&meta, &mut rng, pt.position_lattice).with_context(|| {
+            format!(
+                "rendering a scene for {:?} (pretrain.position_lattice = {})",
+                meta.prompt, pt.position_lattice
+            )
+        })?;
         images.push(scene.render());
         let drop = rng.random::<f64>() < pt.caption_dropout;
         captions.push(if drop { String::new() } else { meta.prompt });
@@ -193,6 +197,20 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
         tokenizer
             .encode(&m.prompt)
             .with_context(|| format!("test prompt in {}", test_path.display()))?;
+    }
+    // A lattice too coarse for four shapes fails here, not hours into the run.
+    if pt.position_lattice > 1 {
+        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.run.seed);
+        for m in &test {
+            scene_on_lattice(m, &mut rng, pt.position_lattice).with_context(|| {
+                format!(
+                    "pretrain.position_lattice = {}: no scene for the test prompt {:?} of {}",
+                    pt.position_lattice,
+                    m.prompt,
+                    test_path.display()
+                )
+            })?;
+        }
     }
     Ok(Inputs {
         tcfg,

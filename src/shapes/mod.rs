@@ -23,7 +23,7 @@ pub use image::{grid, Image};
 pub use prompts::{
     all_prompts, prompt_split, random_metadata, random_metadata_of, write_prompt_files,
 };
-pub use scene::scene_for;
+pub use scene::{scene_for, scene_on_lattice};
 
 use serde::{Deserialize, Serialize};
 

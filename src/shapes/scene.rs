@@ -27,6 +27,17 @@ pub const RELATION_MARGIN: f64 = 0.7;
 /// prompt strictly), an exclude clause that contradicts an include clause, or when
 /// [`MAX_ATTEMPTS`] random placements all fail.
 pub fn scene_for(meta: &Metadata, rng: &mut impl Rng) -> Result<Scene> {
+    scene_on_lattice(meta, rng, 1)
+}
+
+/// [`scene_for`] with every shape's bounding box starting on a lattice: its left and top edges at
+/// [`MARGIN`]` + k·lattice` pixels. `lattice = 1` is [`scene_for`] itself (the same random draws);
+/// `lattice = 4`, the shapes model's patch size, puts every shape at the same offset within its
+/// patches, so the model never has to render an edge at one of the other 15 sub-patch offsets.
+pub fn scene_on_lattice(meta: &Metadata, rng: &mut impl Rng, lattice: usize) -> Result<Scene> {
+    if lattice == 0 {
+        bail!("a placement lattice of 0 pixels: it must be at least 1");
+    }
     let mut total = 0usize;
     for (i, inc) in meta.include.iter().enumerate() {
         if !CLASSES.contains(&inc.class.as_str()) {
@@ -100,8 +111,18 @@ pub fn scene_for(meta: &Metadata, rng: &mut impl Rng) -> Result<Scene> {
                 let mut placed = None;
                 for _ in 0..TRIES_PER_SHAPE {
                     let max = SIZE - MARGIN - size as usize;
-                    let x0 = rng.random_range(MARGIN..=max);
-                    let y0 = rng.random_range(MARGIN..=max);
+                    let (x0, y0) = if lattice == 1 {
+                        (
+                            rng.random_range(MARGIN..=max),
+                            rng.random_range(MARGIN..=max),
+                        )
+                    } else {
+                        let k = (max - MARGIN) / lattice;
+                        (
+                            MARGIN + lattice * rng.random_range(0..=k),
+                            MARGIN + lattice * rng.random_range(0..=k),
+                        )
+                    };
                     let s = Shape {
                         class: inc.class.clone(),
                         color: color.clone(),
@@ -196,6 +217,43 @@ mod tests {
                 );
             }
         }
+    }
+
+    #[test]
+    fn lattice_scenes_start_on_the_lattice_and_satisfy_the_prompt() {
+        let prompts = crate::shapes::all_prompts();
+        for lattice in [1, 4, 8] {
+            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+            let mut offsets = std::collections::BTreeSet::new();
+            for m in &prompts {
+                let scene = scene_on_lattice(m, &mut rng, lattice).unwrap();
+                for s in &scene.shapes {
+                    let b = s.bbox();
+                    for v in [b[0], b[1]] {
+                        assert_eq!((v as usize - MARGIN) % lattice, 0, "{lattice}: {b:?}");
+                        offsets.insert(v as usize % 4);
+                    }
+                }
+                let img = scene.render();
+                assert!(
+                    crate::shapes::score_image(m, &img).strict,
+                    "{lattice}: {m:?}"
+                );
+            }
+            // Lattice 4: one offset within the 4-pixel patches; any pixel: all four.
+            assert_eq!(offsets.len(), if lattice == 1 { 4 } else { 1 });
+        }
+        // Lattice 1 is scene_for itself, draw for draw.
+        let m = &prompts[100];
+        let a = scene_for(m, &mut rand::rngs::StdRng::seed_from_u64(5)).unwrap();
+        let b = scene_on_lattice(m, &mut rand::rngs::StdRng::seed_from_u64(5), 1).unwrap();
+        assert_eq!(a, b);
+        let err = scene_on_lattice(m, &mut rng_zero(), 0).unwrap_err();
+        assert!(format!("{err:#}").contains("at least 1"));
+    }
+
+    fn rng_zero() -> rand::rngs::StdRng {
+        rand::rngs::StdRng::seed_from_u64(0)
     }
 
     #[test]
