@@ -111,18 +111,11 @@ pub fn scene_on_lattice(meta: &Metadata, rng: &mut impl Rng, lattice: usize) -> 
                 let mut placed = None;
                 for _ in 0..TRIES_PER_SHAPE {
                     let max = SIZE - MARGIN - size as usize;
-                    let (x0, y0) = if lattice == 1 {
-                        (
-                            rng.random_range(MARGIN..=max),
-                            rng.random_range(MARGIN..=max),
-                        )
-                    } else {
-                        let k = (max - MARGIN) / lattice;
-                        (
-                            MARGIN + lattice * rng.random_range(0..=k),
-                            MARGIN + lattice * rng.random_range(0..=k),
-                        )
-                    };
+                    // Lattice 1 draws what `random_range(MARGIN..=max)` drew: the draw depends only
+                    // on the range's length.
+                    let k = (max - MARGIN) / lattice;
+                    let x0 = MARGIN + lattice * rng.random_range(0..=k);
+                    let y0 = MARGIN + lattice * rng.random_range(0..=k);
                     let s = Shape {
                         class: inc.class.clone(),
                         color: color.clone(),
