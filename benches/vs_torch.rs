@@ -1,4 +1,4 @@
-//! dgpo's half of the side-by-side CPU benchmark against PyTorch + diffusers + peft (issue 9); run
+//! dgpo's half of the side-by-side CPU benchmark against PyTorch + diffusers + peft; run
 //! both halves with `bash scripts/bench_vs_torch.sh`, which prints the ratios.
 //!
 //! The shipped shapes model (`configs/shapes/transformer.json`) with the main job's LoRA (rank 8,
@@ -18,13 +18,13 @@
 
 use candle_core::{DType, Device, Tensor};
 use dgpo::config::Sampler;
-use dgpo::dgpo_loss::{dgpo_loss, per_sample_mse, DgpoParams};
 use dgpo::model::init::init_weights;
 use dgpo::model::lora::LoraSpec;
 use dgpo::model::{MMDiT, Trainable, TransformerConfig, WeightStore, Weights};
-use dgpo::optim::{AdamW, AdamWParams};
 use dgpo::par;
 use dgpo::sampling::{sample, schedule, velocity_sharded, Conditioning};
+use dgpo::train::dgpo::{dgpo_loss, per_sample_mse, DgpoParams};
+use dgpo::train::optim::{AdamW, AdamWParams};
 mod common;
 
 use common::median;

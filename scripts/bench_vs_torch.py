@@ -1,4 +1,4 @@
-"""PyTorch + diffusers + peft half of the side-by-side CPU benchmark (issue 9).
+"""PyTorch + diffusers + peft half of the side-by-side CPU benchmark.
 
 The same work as `benches/vs_torch.rs`, on the same model: diffusers' SD3Transformer2DModel built from
 configs/shapes/transformer.json, peft LoRA rank 8 / alpha 16 on the eight attention projections,

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Side-by-side CPU benchmark, dgpo vs PyTorch + diffusers + peft, on the shipped shapes model (issue 9).
+# Side-by-side CPU benchmark, dgpo vs PyTorch + diffusers + peft, on the shipped shapes model.
 # Run by hand from the repository root (not in CI):
 #   bash scripts/bench_vs_torch.sh            # threads = all cores
 #   THREADS=1 bash scripts/bench_vs_torch.sh

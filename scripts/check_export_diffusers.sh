@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Load dgpo's LoRA, merged-folder and single-file exports in diffusers and compare a forward pass
-# with dgpo's (issue 5). Run by hand; needs the PyTorch venv (created if missing, ~3.5 GB).
+# with dgpo's. Run by hand; needs the PyTorch venv (created if missing, ~3.5 GB).
 #   bash scripts/check_export_diffusers.sh [fixture-dir]
 set -euo pipefail
 cd "$(dirname "$0")/.."

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# DGPO against Flow-GRPO on the shapes testbed (issue 8): same base model, seed, prompts, reward,
+# DGPO against Flow-GRPO on the shapes testbed: same base model, seed, prompts, reward,
 # threads and evaluation protocol (78 test prompts × 2 images, DPM-Solver++ 14 steps, CFG 4.5, fixed
 # noise, slow-EMA weights), each algorithm with its own recommended settings and the same wall-clock
 # budget. Writes runs/compare/{curves.csv,curves.png,summary.json} and prints time-to-target.

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
 """Reference reward server for dgpo's remote rewards (`[[reward]] kind = "remote"`).
 
-Protocols (the same as `src/reward_remote.rs` speaks):
+Protocols (the same as `src/reward/remote.rs` speaks):
   GET  /health   -> {"status": "ok", "backend": NAME}
   POST /compute  JSON {"prompt": [...], "image": [base64 PNG/JPEG ...], "metadata": [... or null]}
                  -> {"rewards": [...], <sub-metric>: [...], ...}     (Flow-Factory's protocol)
@@ -16,7 +16,7 @@ Backends (--backend):
              `prompt_chars`; for protocol tests.
   geneval    GenEval as in Flow-GRPO's server: Mask2Former (mmdetection) detections, CLIP ViT-L/14
              (open_clip) colour classification, the partial-credit reward and strict accuracy of
-             ALGORITHM.md. Needs torch, mmdet, mmcv, open_clip_torch, clip_benchmark and the detector
+             docs/algorithm.md. Needs torch, mmdet, mmcv, open_clip_torch, clip_benchmark and the detector
              checkpoint (--geneval-config, --geneval-checkpoint, --geneval-classes).
   ocr        PaddleOCR; reward 1 - dist/len with the target text between the first double quotes.
   pickscore  PickScore_v1 (CLIP-H): logit_scale * cos(image, text) / 26 (transformers).

@@ -15,7 +15,7 @@ use candle_nn::{layer_norm, linear, linear_no_bias, LayerNorm, Linear, VarBuilde
 use serde::Deserialize;
 use std::path::{Path, PathBuf};
 
-use crate::shapes::Image;
+use crate::image::Image;
 
 /// A file of a model given as a local folder or a Hugging Face repo id.
 pub fn resolve_file(model: &str, file: &str) -> Result<Option<PathBuf>> {

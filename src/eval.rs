@@ -3,13 +3,14 @@
 //! code serves `dgpo eval`, the evaluations inside `dgpo pretrain` and those of `dgpo train`.
 
 use crate::config::{Config, Sampler};
-use crate::generator::Generator;
 use crate::geneval::{summarize, Metadata, Outcome, Summary};
+use crate::image::Image;
 use crate::model::Weights;
+use crate::pipeline::Generator;
+use crate::prompt_file::PromptItem;
 use crate::reward::Rewards;
-use crate::sample::PromptItem;
 use crate::sampling::{sample, schedule, seeded_randn};
-use crate::shapes::{score_image, Image};
+use crate::testbed::score_image;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -245,11 +246,11 @@ pub fn run_cli(
         .test
         .as_ref()
         .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
-    let items = crate::sample::read_prompt_file(test)?;
-    let ema = crate::checkpoint::WeightsChoice::Ema;
+    let items = crate::prompt_file::read_prompt_file(test)?;
+    let ema = crate::cli::source::WeightsChoice::Ema;
     // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server).
-    let (sd3, shapes, rewards) = if crate::checkpoint::targets_sd3(cfg, checkpoint)? {
-        let mut m = crate::checkpoint::load_sd3_model(cfg, checkpoint, ema, dev)
+    let (sd3, shapes, rewards) = if crate::cli::source::targets_sd3(cfg, checkpoint)? {
+        let mut m = crate::cli::source::load_sd3_model(cfg, checkpoint, ema, dev)
             .context("loading the model to evaluate")?;
         let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
         rewards.check()?;
@@ -258,7 +259,7 @@ pub fn run_cli(
         m.pipe.prepare_prompts(&texts, settings.batch_size)?;
         (Some(m), None, Some(rewards))
     } else {
-        let m = crate::checkpoint::load_model(cfg, checkpoint, ema, dev)
+        let m = crate::cli::source::load_model(cfg, checkpoint, ema, dev)
             .context("loading the model to evaluate")?;
         (None, Some(m), None)
     };
@@ -310,7 +311,7 @@ pub fn run_cli(
         crate::io::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
     }
     if let Some(g) = grid {
-        let img = crate::shapes::grid(&r.images, settings.images_per_prompt, 2);
+        let img = crate::image::grid(&r.images, settings.images_per_prompt, 2);
         img.to_png(g)?;
         println!(
             "grid ({} per row, one row per prompt) in {}",

@@ -1,4 +1,4 @@
-//! GenEval scoring (see issue 3): generic over a list of detections.
+//! GenEval scoring: generic over a list of detections.
 //!
 //! This reproduces the scoring of the reference GenEval reward used by Flow-GRPO and by the DGPO
 //! authors (`flow_grpo/gen_eval.py`, identical in both repositories; the detector and the CLIP colour
@@ -10,14 +10,14 @@
 //! * [`Outcome::strict`] and [`Outcome::reward`] are the reference's `evaluate_reward` (exact counts,
 //!   partial credit averaged over a list of terms; `exclude` is ignored there).
 //!
-//! Two details of the reference code that ALGORITHM.md does not spell out (the code wins):
+//! Two details of the reference code that the paper's description does not spell out (the code wins):
 //!
 //! * the count term `1 − |n − found| / n` is not clamped, so it is negative when more than `2n`
 //!   objects of the class are found (reward can be below 0);
 //! * the position term: a clause whose target clause failed appends `0.0`; otherwise a relation that
 //!   does not hold appends `0.0` **and** then `1.0` (the reference's `rewards.append(1.0)` sits after
 //!   the loop over objects), while relations that all hold append a single `1.0`. A wrong position
-//!   therefore costs less than ALGORITHM.md's "1 or 0" suggests: a position prompt with both objects
+//!   therefore costs less than the paper's "1 or 0" suggests: a position prompt with both objects
 //!   found once but on the wrong side scores `[1, 1, 0, 1] → 3/4`, not `[1, 1, 0] → 2/3` (see the
 //!   unit tests).
 //!

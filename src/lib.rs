@@ -1,34 +1,20 @@
 //! dgpo: Direct Group Preference Optimization for SD3-family flow-matching models, on Candle.
 
-pub mod checkpoint;
+pub mod cli;
 pub mod clip;
 pub mod config;
-pub mod dgpo_loss;
-pub mod embed_cache;
 pub mod eval;
-pub mod export;
-pub mod flow_grpo;
-pub mod generator;
 pub mod geneval;
 pub mod hub;
+pub mod image;
 pub mod io;
 pub mod model;
-pub mod optim;
 pub mod par;
 pub mod pipeline;
-pub mod plan;
-pub mod pretrain;
+pub mod prompt_file;
 pub mod reward;
-pub mod reward_clip;
-pub mod reward_remote;
-pub mod reward_serve;
-pub mod sample;
 pub mod sampling;
-pub mod sd3_pipeline;
-pub mod sd3_text;
-pub mod sd3_vae;
-pub mod shapes;
-pub mod text;
+pub mod testbed;
 pub mod train;
 
 use anyhow::{bail, Result};

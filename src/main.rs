@@ -3,7 +3,7 @@
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
 use dgpo::config::Config;
-use dgpo::plan::{locate_transformer_config, Plan};
+use dgpo::train::plan::{locate_transformer_config, Plan};
 use std::path::PathBuf;
 
 /// mimalloc instead of the system allocator: Candle allocates a fresh buffer for every tensor op,
@@ -79,7 +79,7 @@ enum Command {
         checkpoints: Vec<PathBuf>,
         /// Weights of a run checkpoint: the slow EMA (as evaluated) or the raw optimizer weights.
         #[arg(long, value_enum, default_value = "ema")]
-        weights: dgpo::checkpoint::WeightsChoice,
+        weights: dgpo::cli::source::WeightsChoice,
         /// A prompt (repeatable).
         #[arg(long)]
         prompt: Vec<String>,
@@ -123,16 +123,16 @@ enum Command {
         /// lora: diffusers/peft adapter file; diffusers: merged pipeline folder; single-file: merged
         /// transformer in the StabilityAI layout.
         #[arg(long, value_enum)]
-        format: dgpo::export::ExportFormat,
+        format: dgpo::cli::export::ExportFormat,
         /// Output file (lora, single-file) or folder (diffusers).
         #[arg(long)]
         out: PathBuf,
         /// Storage dtype.
         #[arg(long, value_enum, default_value = "f32")]
-        dtype: dgpo::export::ExportDtype,
+        dtype: dgpo::cli::export::ExportDtype,
         /// The slow-EMA weights (what evaluation uses, as the reference code saves) or the raw ones.
         #[arg(long, value_enum, default_value = "ema")]
-        weights: dgpo::checkpoint::WeightsChoice,
+        weights: dgpo::cli::source::WeightsChoice,
         /// Shard the diffusers transformer above this size (e.g. 10GB, 500MB).
         #[arg(long, default_value = "10GB", value_parser = parse_size)]
         max_shard_size: usize,
@@ -200,7 +200,7 @@ fn parse_sampler(s: &str) -> Result<dgpo::config::Sampler, String> {
 }
 
 fn parse_size(s: &str) -> Result<usize, String> {
-    dgpo::export::parse_size(s).map_err(|e| format!("{e:#}"))
+    dgpo::cli::export::parse_size(s).map_err(|e| format!("{e:#}"))
 }
 
 fn init_logging(verbose: u8, quiet: bool) {
@@ -293,7 +293,7 @@ fn run(cli: Cli) -> Result<()> {
         } => {
             let config = Config::load(&cfg.config, &cfg.set)?;
             let out = out.unwrap_or_else(|| config.run.out_dir.join("samples"));
-            let mut a = dgpo::sample::SampleArgs::from_config(&config, out);
+            let mut a = dgpo::cli::sample::SampleArgs::from_config(&config, out);
             a.checkpoints = checkpoints;
             a.weights = weights;
             a.prompts = prompt;
@@ -305,7 +305,7 @@ fn run(cli: Cli) -> Result<()> {
             a.guidance = guidance.unwrap_or(a.guidance);
             a.sampler = sampler.unwrap_or(a.sampler);
             a.batch_size = batch_size.unwrap_or(a.batch_size);
-            dgpo::sample::run(&config, &a, &device).map(|_| ())
+            dgpo::cli::sample::run(&config, &a, &device).map(|_| ())
         }
         Command::Export {
             checkpoint,
@@ -315,7 +315,7 @@ fn run(cli: Cli) -> Result<()> {
             weights,
             max_shard_size,
         } => {
-            let args = dgpo::export::ExportArgs {
+            let args = dgpo::cli::export::ExportArgs {
                 checkpoint,
                 format,
                 dtype,
@@ -323,7 +323,7 @@ fn run(cli: Cli) -> Result<()> {
                 out,
                 max_shard_bytes: max_shard_size,
             };
-            let r = dgpo::export::export(&args, &device)?;
+            let r = dgpo::cli::export::export(&args, &device)?;
             for f in &r.files {
                 println!("{}", f.display());
             }
@@ -337,8 +337,8 @@ fn run(cli: Cli) -> Result<()> {
         }
         Command::Pretrain { cfg, out, resume } => {
             let config = Config::load(&cfg.config, &cfg.set)?;
-            let out = out.unwrap_or_else(|| dgpo::pretrain::default_out(&config));
-            dgpo::pretrain::run(&config, &out, resume, &device)
+            let out = out.unwrap_or_else(|| dgpo::train::pretrain::default_out(&config));
+            dgpo::train::pretrain::run(&config, &out, resume, &device)
         }
         Command::Eval {
             cfg,
@@ -378,10 +378,10 @@ fn run(cli: Cli) -> Result<()> {
             };
             let rewards = dgpo::reward::Rewards::from_config(&cfgs)?;
             let names: Vec<&str> = cfgs.iter().map(|r| r.kind.as_str()).collect();
-            let server = dgpo::reward_serve::RewardServer::start(
+            let server = dgpo::reward::serve::RewardServer::start(
                 &format!("{host}:{port}"),
                 rewards,
-                dgpo::reward_serve::ServeOptions {
+                dgpo::reward::serve::ServeOptions {
                     threads: workers,
                     max_requests: None,
                 },

@@ -7,8 +7,8 @@ mod common;
 use candle_core::{Device, Tensor};
 use dgpo::clip::{load_tokenizer, tokenize, Clip, ClipProcessor};
 use dgpo::config::RewardConfig;
+use dgpo::image::Image;
 use dgpo::reward::Rewards;
-use dgpo::shapes::Image;
 use std::collections::HashMap;
 use std::path::PathBuf;
 

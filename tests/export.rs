@@ -6,11 +6,11 @@ mod common;
 
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{setup, tmp};
-use dgpo::checkpoint::{load_model, WeightsChoice};
+use dgpo::cli::export::{export, ExportArgs, ExportDtype, ExportFormat};
+use dgpo::cli::source::{load_model, WeightsChoice};
 use dgpo::config::Config;
-use dgpo::export::{export, ExportArgs, ExportDtype, ExportFormat};
 use dgpo::model::Weights;
-use dgpo::pipeline::ShapesPipeline;
+use dgpo::pipeline::shapes::ShapesPipeline;
 use std::path::{Path, PathBuf};
 
 /// A tiny LoRA run of 2 epochs. A random model earns no reward, so its adapter would stay at zero:
@@ -146,7 +146,7 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
         .collect();
     assert!(shards.len() > 1, "{shards:?}");
     let m = load_model(&cfg, Some(&folder), WeightsChoice::Ema, &dev).unwrap();
-    assert_eq!(m.kind, dgpo::checkpoint::SourceKind::Pipeline);
+    assert_eq!(m.kind, dgpo::cli::source::SourceKind::Pipeline);
     let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 1e-4, "merged diffusers export differs by {d}");
 
@@ -160,7 +160,7 @@ fn every_export_format_loads_back_with_the_runs_outputs() {
         .iter()
         .all(|k| k.starts_with("model.diffusion_model.")));
     let m = load_model(&cfg, Some(&single), WeightsChoice::Ema, &dev).unwrap();
-    assert_eq!(m.kind, dgpo::checkpoint::SourceKind::SingleFile);
+    assert_eq!(m.kind, dgpo::cli::source::SourceKind::SingleFile);
     let d = common::max_abs_diff(&probe(&m.pipe), &want);
     assert!(d < 1e-4, "single-file export differs by {d}");
 
@@ -245,11 +245,11 @@ fn sample_compares_models_on_the_same_noise_and_reproduces_itself() {
     let (dir, cfg) = trained_run("sample");
     let dev = Device::Cpu;
     let out = dir.join("samples");
-    let mut a = dgpo::sample::SampleArgs::from_config(&cfg, out.clone());
+    let mut a = dgpo::cli::sample::SampleArgs::from_config(&cfg, out.clone());
     a.checkpoints = vec![PathBuf::from(&cfg.model.pretrained), dir.join("run")];
     a.images_per_prompt = 2;
     a.steps = 3;
-    let s = dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    let s = dgpo::cli::sample::run(&cfg, &a, &dev).unwrap();
     let n_prompts = std::fs::read_to_string(cfg.prompts.test.as_ref().unwrap())
         .unwrap()
         .lines()
@@ -300,7 +300,7 @@ fn sample_compares_models_on_the_same_noise_and_reproduces_itself() {
     b.out = out2.clone();
     b.seed = 12345;
     b.noise = Some(out.join("noise.safetensors"));
-    dgpo::sample::run(&cfg, &b, &dev).unwrap();
+    dgpo::cli::sample::run(&cfg, &b, &dev).unwrap();
     for p in [
         "images/0/p0000_i00.png",
         "images/1/p0001_i01.png",
@@ -319,7 +319,7 @@ fn sample_compares_models_on_the_same_noise_and_reproduces_itself() {
     let mut c = a.clone();
     c.out = dir.join("samples3");
     c.noise = Some(bad);
-    let e = dgpo::sample::run(&cfg, &c, &dev).unwrap_err();
+    let e = dgpo::cli::sample::run(&cfg, &c, &dev).unwrap_err();
     assert!(format!("{e:#}").contains("[3, 3, 8, 8]"), "{e:#}");
     // a prompt file with a broken line names the file and the line
     let broken = dir.join("broken.jsonl");
@@ -333,7 +333,7 @@ fn sample_compares_models_on_the_same_noise_and_reproduces_itself() {
     let mut d = a.clone();
     d.out = dir.join("samples4");
     d.prompt_file = Some(broken);
-    let e = dgpo::sample::run(&cfg, &d, &dev).unwrap_err();
+    let e = dgpo::cli::sample::run(&cfg, &d, &dev).unwrap_err();
     assert!(format!("{e:#}").contains("broken.jsonl:2"), "{e:#}");
 }
 

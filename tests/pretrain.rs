@@ -4,7 +4,7 @@
 use candle_core::Device;
 use dgpo::config::Config;
 use dgpo::model::Trainable;
-use dgpo::pipeline::ShapesPipeline;
+use dgpo::pipeline::shapes::ShapesPipeline;
 use std::path::{Path, PathBuf};
 
 fn root() -> PathBuf {
@@ -112,7 +112,7 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
     let cfg = tiny_config(&dir, 4);
     let dev = Device::Cpu;
     let a = dir.join("a");
-    dgpo::pretrain::run(&cfg, &a, false, &dev).unwrap();
+    dgpo::train::pretrain::run(&cfg, &a, false, &dev).unwrap();
     let metrics = std::fs::read_to_string(a.join("metrics.jsonl")).unwrap();
     let lines: Vec<serde_json::Value> = metrics
         .lines()
@@ -137,16 +137,16 @@ fn pretrain_writes_metrics_checkpoints_and_a_loadable_model_and_resumes_exactly(
     assert_eq!(final_model, model_tensors(&a.join("checkpoint/model")));
 
     // Running into the same folder again without --resume is refused.
-    let e = dgpo::pretrain::run(&cfg, &a, false, &dev)
+    let e = dgpo::train::pretrain::run(&cfg, &a, false, &dev)
         .unwrap_err()
         .to_string();
     assert!(e.contains("--resume"), "{e}");
 
     // Killed after step 3 (checkpoint at 3), resumed: the same final weights, bit for bit.
     let b = dir.join("b");
-    dgpo::pretrain::run_until(&cfg, &b, false, &dev, Some(3)).unwrap();
+    dgpo::train::pretrain::run_until(&cfg, &b, false, &dev, Some(3)).unwrap();
     assert!(!b.join("model").exists());
-    dgpo::pretrain::run(&cfg, &b, true, &dev).unwrap();
+    dgpo::train::pretrain::run(&cfg, &b, true, &dev).unwrap();
     assert_eq!(final_model, model_tensors(&b.join("model")));
     let mb = std::fs::read_to_string(b.join("metrics.jsonl")).unwrap();
     assert_eq!(
@@ -223,20 +223,20 @@ fn pretrain_init_from_starts_from_a_saved_pipeline_and_refuses_another_model() {
     cfg.pretrain.learning_rate = 5e-2;
     let dev = Device::Cpu;
     let a = dir.join("a");
-    dgpo::pretrain::run(&cfg, &a, false, &dev).unwrap();
+    dgpo::train::pretrain::run(&cfg, &a, false, &dev).unwrap();
     let source = model_tensors(&a.join("model"));
 
     // With a learning rate too small to move an f32 weight, the saved model is the source model...
     let mut warm = cfg.clone();
     warm.pretrain.init_from = Some(a.join("model"));
     warm.pretrain.learning_rate = 1e-30;
-    dgpo::pretrain::run(&warm, &dir.join("b"), false, &dev).unwrap();
+    dgpo::train::pretrain::run(&warm, &dir.join("b"), false, &dev).unwrap();
     let d = max_diff(&source, &model_tensors(&dir.join("b/model")));
     assert!(d < 1e-6, "warm start moved the weights by {d}");
     // ...while the same run from a fresh initialisation is another model.
     let mut cold = warm.clone();
     cold.pretrain.init_from = None;
-    dgpo::pretrain::run(&cold, &dir.join("c"), false, &dev).unwrap();
+    dgpo::train::pretrain::run(&cold, &dir.join("c"), false, &dev).unwrap();
     let d = max_diff(&source, &model_tensors(&dir.join("c/model")));
     assert!(d > 1e-2, "a fresh model equals the source to {d}");
 
@@ -251,7 +251,7 @@ fn pretrain_init_from_starts_from_a_saved_pipeline_and_refuses_another_model() {
     small.pretrain.init_from = Some(a.join("model"));
     let e = format!(
         "{:#}",
-        dgpo::pretrain::run(&small, &dir.join("d"), false, &dev).unwrap_err()
+        dgpo::train::pretrain::run(&small, &dir.join("d"), false, &dev).unwrap_err()
     );
     assert!(
         e.contains("pretrain.init_from") && e.contains("transformer/config.json"),
@@ -261,7 +261,7 @@ fn pretrain_init_from_starts_from_a_saved_pipeline_and_refuses_another_model() {
     small.pretrain.init_from = Some(dir.clone());
     let e = format!(
         "{:#}",
-        dgpo::pretrain::run(&small, &dir.join("e"), false, &dev).unwrap_err()
+        dgpo::train::pretrain::run(&small, &dir.join("e"), false, &dev).unwrap_err()
     );
     assert!(e.contains("not a shapes pipeline folder"), "{e}");
     std::fs::remove_dir_all(&dir).unwrap();
@@ -269,7 +269,7 @@ fn pretrain_init_from_starts_from_a_saved_pipeline_and_refuses_another_model() {
 
 #[test]
 fn versioned_tokenizer_covers_the_prompt_space_exactly() {
-    let (train, test) = dgpo::shapes::prompt_split();
+    let (train, test) = dgpo::testbed::prompt_split();
     let mut words: Vec<String> = train
         .iter()
         .chain(&test)
@@ -282,7 +282,7 @@ fn versioned_tokenizer_covers_the_prompt_space_exactly() {
         .collect();
     words.sort();
     words.dedup();
-    let built = dgpo::text::build_tokenizer(&words).unwrap();
+    let built = dgpo::pipeline::shapes::text::build_tokenizer(&words).unwrap();
     let path = root().join("configs/shapes/tokenizer.json");
     if std::env::var("DGPO_REGENERATE").is_ok() {
         built.save(&path, true).unwrap();

@@ -5,9 +5,9 @@
 use base64::Engine;
 use dgpo::config::RewardConfig;
 use dgpo::geneval::Metadata;
+use dgpo::image::Image;
+use dgpo::reward::remote::RemoteReward;
 use dgpo::reward::{Reward, Rewards};
-use dgpo::reward_remote::RemoteReward;
-use dgpo::shapes::Image;
 use std::io::{BufRead, BufReader, Read, Write};
 use std::net::TcpListener;
 use std::sync::{Arc, Mutex};
@@ -51,7 +51,7 @@ fn serve(replies: Vec<(u16, Vec<u8>)>) -> (String, Arc<Mutex<Vec<Vec<u8>>>>) {
 }
 
 fn inputs() -> (Vec<Image>, Vec<String>, Vec<Option<Metadata>>) {
-    let meta = dgpo::shapes::prompts::colors("circle", "red");
+    let meta = dgpo::testbed::prompts::colors("circle", "red");
     (
         vec![
             Image::new(32, 32, [10, 20, 30]),
@@ -151,7 +151,7 @@ fn a_dead_server_fails_after_the_retries_naming_it() {
 
 mod common;
 
-use dgpo::reward_serve::{RewardServer, ServeOptions};
+use dgpo::reward::serve::{RewardServer, ServeOptions};
 
 fn shapes_rewards() -> Rewards {
     Rewards::from_config(&[RewardConfig::default()]).unwrap()
@@ -169,7 +169,7 @@ fn scenes() -> (Vec<Image>, Vec<String>, Vec<Option<Metadata>>) {
         .enumerate()
         .map(|(i, m)| {
             let mut rng = <rand::rngs::StdRng as rand::SeedableRng>::seed_from_u64(i as u64);
-            dgpo::shapes::scene_for(m, &mut rng).unwrap().render()
+            dgpo::testbed::scene_for(m, &mut rng).unwrap().render()
         })
         .collect();
     images[2] = Image::new(32, 32, [0, 0, 0]);
@@ -232,7 +232,7 @@ fn the_flow_grpo_pickle_protocol_sends_jpegs_and_metadata_and_reads_python_repli
     let (url, seen) = serve(vec![(200, unhex(PY_REPLY))]);
     let (im, p, m) = scenes();
     let mut r = remote(&url, 0);
-    r.protocol = dgpo::reward_remote::Protocol::FlowGrpoPickle;
+    r.protocol = dgpo::reward::remote::Protocol::FlowGrpoPickle;
     let out = r.score(&im[..3], &p[..3], &m[..3]).unwrap();
     assert_eq!(out.scores, vec![0.5, 1.0, 0.75]);
     assert_eq!(out.sub["accuracy"], vec![0.0, 1.0, 1.0]);
@@ -275,7 +275,7 @@ fn the_flow_grpo_pickle_protocol_sends_jpegs_and_metadata_and_reads_python_repli
     ] {
         let (url, _) = serve(vec![(200, reply)]);
         let mut r = remote(&url, 0);
-        r.protocol = dgpo::reward_remote::Protocol::FlowGrpoPickle;
+        r.protocol = dgpo::reward::remote::Protocol::FlowGrpoPickle;
         let e = format!("{:#}", r.score(&im[..2], &p[..2], &m[..2]).unwrap_err());
         assert!(e.contains(want) && e.contains(&url), "{want}: {e}");
     }
@@ -453,7 +453,7 @@ fn the_python_reference_server_speaks_both_protocols_and_its_scoring_rules_hold(
     let chars: Vec<f32> = p.iter().map(|s| s.len() as f32).collect();
     assert_eq!(out.sub["prompt_chars"], chars);
     // Flow-GRPO pickle: the same of the JPEG it received, through Python's pickle both ways.
-    r.protocol = dgpo::reward_remote::Protocol::FlowGrpoPickle;
+    r.protocol = dgpo::reward::remote::Protocol::FlowGrpoPickle;
     r.check().unwrap();
     let out = r.score(&im, &p, &m).unwrap();
     let want: Vec<f32> = im
@@ -463,7 +463,7 @@ fn the_python_reference_server_speaks_both_protocols_and_its_scoring_rules_hold(
     assert_eq!(out.scores, want);
     assert_eq!(out.sub["strict_accuracy"], vec![0.0; im.len()]);
     // A bad request is a 400 that the client reports with the server's words.
-    r.protocol = dgpo::reward_remote::Protocol::Json;
+    r.protocol = dgpo::reward::remote::Protocol::Json;
     let e = format!("{:#}", r.score(&im[..1], &p[..2], &m[..1]).unwrap_err());
     assert!(
         e.contains("HTTP 400") && e.contains("1 images, 2 prompts"),

@@ -7,7 +7,7 @@
 mod common;
 
 use candle_core::{DType, Device, Tensor};
-use dgpo::sd3_text::Sd3TextEncoders;
+use dgpo::pipeline::sd3::text::Sd3TextEncoders;
 use std::collections::HashMap;
 use std::path::PathBuf;
 
@@ -98,7 +98,7 @@ fn vae_decodes_as_diffusers_in_chunks() {
     let e = expected();
     // Two latents with the default chunking (one at a time: Candle 0.11's KL decoder gives the
     // second latent of a batch wrong values, 0.4 off here).
-    let vae = dgpo::sd3_vae::Sd3Vae::load(&fx().join("vae"), DType::F32, &dev).unwrap();
+    let vae = dgpo::pipeline::sd3::vae::Sd3Vae::load(&fx().join("vae"), DType::F32, &dev).unwrap();
     let dec = vae.decode(&e["vae_latents"]).unwrap();
     let d = common::max_abs_diff(&dec, &e["vae_decoded"]);
     eprintln!("VAE decode: max abs diff {d:e}");
@@ -189,7 +189,7 @@ fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
     )
     .unwrap();
     let out = dir.join("out");
-    let mut a = dgpo::sample::SampleArgs::from_config(&cfg, out.clone());
+    let mut a = dgpo::cli::sample::SampleArgs::from_config(&cfg, out.clone());
     a.prompts = prompts.clone();
     a.images_per_prompt = 1;
     a.noise = Some(noise);
@@ -198,7 +198,7 @@ fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
     a.shift = 3.0;
     a.guidance = 4.5;
     a.batch_size = 2; // batches of 2 and 1
-    dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    dgpo::cli::sample::run(&cfg, &a, &dev).unwrap();
     let want = e["sample_images_u8"]
         .flatten_all()
         .unwrap()
@@ -207,7 +207,7 @@ fn dgpo_sample_with_the_noise_reproduces_the_diffusers_images() {
     let mut got = vec![];
     for k in 0..prompts.len() {
         let png = std::fs::read(out.join(format!("images/0/p{k:04}_i00.png"))).unwrap();
-        got.extend(dgpo::shapes::Image::from_png_bytes(&png).unwrap().data);
+        got.extend(dgpo::image::Image::from_png_bytes(&png).unwrap().data);
     }
     assert_eq!(got.len(), want.len());
     let got: Vec<f32> = got.iter().map(|&p| p as f32).collect();
@@ -323,7 +323,7 @@ fn text_encoders_load_only_for_prompts_missing_from_the_cache_and_are_freed() {
     let p: Vec<&str> = prompts.iter().map(|s| s.as_str()).collect();
     let root = common::tiny::tmp("lazy-encoders");
     let load = || {
-        dgpo::sd3_pipeline::Sd3Pipeline::load_cached(
+        dgpo::pipeline::sd3::Sd3Pipeline::load_cached(
             &fx(),
             &dgpo::model::Trainable::None,
             16,

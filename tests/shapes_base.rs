@@ -5,7 +5,7 @@ use candle_core::Device;
 use dgpo::eval::{evaluate, EvalSettings};
 use dgpo::geneval::read_metadata;
 use dgpo::model::{Trainable, Weights};
-use dgpo::pipeline::ShapesPipeline;
+use dgpo::pipeline::shapes::ShapesPipeline;
 use std::path::PathBuf;
 
 fn base() -> PathBuf {
@@ -51,7 +51,7 @@ fn shipped_base_model_is_small_loads_and_draws_objects() {
     let with_objects = r
         .images
         .iter()
-        .filter(|im| !dgpo::shapes::detect(im).is_empty())
+        .filter(|im| !dgpo::testbed::detect(im).is_empty())
         .count();
     println!(
         "{with_objects}/{} images with a detected object",

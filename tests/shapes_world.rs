@@ -5,8 +5,9 @@
 //! `DGPO_REGENERATE_PROMPTS=1 cargo test --test shapes_world versioned_prompt_files`.
 
 use dgpo::geneval::{metadata_json_line, read_metadata, Metadata, TAGS};
-use dgpo::shapes::{
-    prompt_split, prompts, scene_for, score_image, write_prompt_files, Image, Scene, SIZE,
+use dgpo::image::Image;
+use dgpo::testbed::{
+    prompt_split, prompts, scene_for, score_image, write_prompt_files, Scene, SIZE,
 };
 use rand::rngs::StdRng;
 use rand::SeedableRng;
@@ -247,13 +248,13 @@ fn scenes_are_deterministic() {
     let r1: Vec<_> = (0..20)
         .map(|_| 0)
         .scan(StdRng::seed_from_u64(3), |rng, _| {
-            Some(dgpo::shapes::random_metadata(rng))
+            Some(dgpo::testbed::random_metadata(rng))
         })
         .collect();
     let r2: Vec<_> = (0..20)
         .map(|_| 0)
         .scan(StdRng::seed_from_u64(3), |rng, _| {
-            Some(dgpo::shapes::random_metadata(rng))
+            Some(dgpo::testbed::random_metadata(rng))
         })
         .collect();
     assert_eq!(r1, r2);

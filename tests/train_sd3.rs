@@ -194,8 +194,8 @@ fn sd3_pipeline_trains_on_plain_prompt_files_without_geneval_scores() {
 }
 
 /// The transformer's velocity on fixed inputs (latents, timesteps, the pipeline's own embeddings).
-fn probe(p: &mut dgpo::sd3_pipeline::Sd3Pipeline) -> candle_core::Tensor {
-    use dgpo::generator::Generator;
+fn probe(p: &mut dgpo::pipeline::sd3::Sd3Pipeline) -> candle_core::Tensor {
+    use dgpo::pipeline::Generator;
     let dev = Device::Cpu;
     let (c, h, w) = p.latent_shape();
     let x = candle_core::Tensor::arange(0f32, (2 * c * h * w) as f32, &dev)
@@ -223,8 +223,8 @@ fn probe(p: &mut dgpo::sd3_pipeline::Sd3Pipeline) -> candle_core::Tensor {
 
 #[test]
 fn sd3_runs_sample_evaluate_and_export() {
-    use dgpo::checkpoint::{load_sd3_model, WeightsChoice};
-    use dgpo::export::{export, ExportArgs, ExportDtype, ExportFormat};
+    use dgpo::cli::export::{export, ExportArgs, ExportDtype, ExportFormat};
+    use dgpo::cli::source::{load_sd3_model, WeightsChoice};
     let dir = tmp("sd3-export");
     std::fs::write(dir.join("train.txt"), "a red circle\na blue square\n").unwrap();
     let prompts = format!(
@@ -265,7 +265,7 @@ fn sd3_runs_sample_evaluate_and_export() {
     ex(ExportFormat::Lora, lora.clone());
     let folder = dir.join("merged");
     ex(ExportFormat::Diffusers, folder.clone());
-    assert!(dgpo::sd3_pipeline::is_sd3_pipeline(&folder));
+    assert!(dgpo::pipeline::sd3::is_sd3_pipeline(&folder));
     assert!(folder.join("text_encoder_3/config.json").exists());
     let single = dir.join("single.safetensors");
     ex(ExportFormat::SingleFile, single.clone());
@@ -277,12 +277,14 @@ fn sd3_runs_sample_evaluate_and_export() {
 
     // dgpo sample compares the base and the run side by side; dgpo eval scores the run with the
     // reward modules.
-    let mut a = dgpo::sample::SampleArgs::from_config(&cfg, dir.join("samples"));
+    let mut a = dgpo::cli::sample::SampleArgs::from_config(&cfg, dir.join("samples"));
     a.checkpoints = vec![dir.join("merged"), run.clone()];
-    let summaries = dgpo::sample::run(&cfg, &a, &dev).unwrap();
+    let summaries = dgpo::cli::sample::run(&cfg, &a, &dev).unwrap();
     let mut bad = a.clone();
     bad.guidance = 0.5;
-    let e = dgpo::sample::run(&cfg, &bad, &dev).unwrap_err().to_string();
+    let e = dgpo::cli::sample::run(&cfg, &bad, &dev)
+        .unwrap_err()
+        .to_string();
     assert!(e.contains("--cfg 0.5"), "{e}");
     assert_eq!(summaries.len(), 2);
     assert!(summaries.iter().all(|s| s.reward_mean.is_some()));

@@ -86,8 +86,8 @@ pub fn safetensors_count(dir: &std::path::Path) -> usize {
 
 /// The tiny SD3 pipeline of `tests/fixtures/sd3_pipeline`, f32 on the CPU, `t5_len` T5 tokens,
 /// every component loaded, no embedding cache.
-pub fn sd3_fixture_pipeline(t5_len: usize) -> dgpo::sd3_pipeline::Sd3Pipeline {
-    dgpo::sd3_pipeline::Sd3Pipeline::load(
+pub fn sd3_fixture_pipeline(t5_len: usize) -> dgpo::pipeline::sd3::Sd3Pipeline {
+    dgpo::pipeline::sd3::Sd3Pipeline::load(
         &tiny::root().join("tests/fixtures/sd3_pipeline"),
         &Trainable::None,
         t5_len,

@@ -4,8 +4,8 @@
 
 use candle_core::Device;
 use dgpo::config::Config;
-use dgpo::pipeline::ShapesPipeline;
-use dgpo::text::{ShapesTokenizer, TextEncoderConfig, TEXT_ENCODER_CLASS};
+use dgpo::pipeline::shapes::text::{ShapesTokenizer, TextEncoderConfig, TEXT_ENCODER_CLASS};
+use dgpo::pipeline::shapes::ShapesPipeline;
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 

@@ -12,16 +12,18 @@
 //! * `noise.safetensors` — the initial noise used (`noise`, `[n_images, C, H, W]`, prompt-major), so
 //!   another implementation or a later run can start from exactly the same noise (`--noise`).
 
-use crate::checkpoint::{load_model, Loaded, LoadedModel, WeightsChoice};
+use crate::cli::source::{load_model, Loaded, LoadedModel, WeightsChoice};
 use crate::config::{Config, Sampler};
 use crate::eval::eval_noise;
-use crate::generator::Generator;
-use crate::geneval::{read_metadata, summarize, Metadata};
+use crate::geneval::{summarize, Metadata};
+use crate::image::Image;
 use crate::io::{append_jsonl, save_safetensors, write_atomic};
 use crate::model::Weights;
+use crate::pipeline::Generator;
+use crate::prompt_file::{read_prompt_file, PromptItem};
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule};
-use crate::shapes::{score_image, Image};
+use crate::testbed::score_image;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -72,45 +74,6 @@ impl SampleArgs {
     }
 }
 
-/// One prompt with its metadata when the prompt file carried it.
-#[derive(Debug, Clone)]
-pub struct PromptItem {
-    pub prompt: String,
-    pub meta: Option<Metadata>,
-}
-
-/// Read a prompt file: `.jsonl` as GenEval metadata (a broken line is an error naming the line),
-/// anything else as plain text with one prompt per non-empty line.
-pub fn read_prompt_file(path: &Path) -> Result<Vec<PromptItem>> {
-    let is_jsonl = path
-        .extension()
-        .is_some_and(|e| e.eq_ignore_ascii_case("jsonl"));
-    let items: Vec<PromptItem> = if is_jsonl {
-        read_metadata(path)?
-            .into_iter()
-            .map(|m| PromptItem {
-                prompt: m.prompt.clone(),
-                meta: Some(m),
-            })
-            .collect()
-    } else {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading prompt file {}", path.display()))?;
-        text.lines()
-            .map(str::trim)
-            .filter(|l| !l.is_empty())
-            .map(|l| PromptItem {
-                prompt: l.to_string(),
-                meta: None,
-            })
-            .collect()
-    };
-    if items.is_empty() {
-        bail!("prompt file {} holds no prompts", path.display());
-    }
-    Ok(items)
-}
-
 /// Read `--noise`: a safetensors file with one tensor (or one named `noise`) of shape
 /// `[n_prompts·images_per_prompt, C, H, W]` (prompt-major) or `[images_per_prompt, C, H, W]` (the same
 /// noise for every prompt). Returns the per-image noise, prompt-major.
@@ -154,8 +117,8 @@ pub fn read_noise(
 
 fn label<P>(m: &Loaded<P>) -> String {
     match &m.kind {
-        crate::checkpoint::SourceKind::Base => format!("base ({})", m.path.display()),
-        crate::checkpoint::SourceKind::Run { epoch, weights } => {
+        crate::cli::source::SourceKind::Base => format!("base ({})", m.path.display()),
+        crate::cli::source::SourceKind::Run { epoch, weights } => {
             format!("{} (epoch {epoch}, {})", m.path.display(), weights.name())
         }
         _ => m.path.display().to_string(),
@@ -173,7 +136,7 @@ fn html_escape(s: &str) -> String {
 /// checkpoint was applied.
 enum Model {
     Shapes(Box<LoadedModel>),
-    Sd3(Box<Loaded<crate::sd3_pipeline::Sd3Pipeline>>),
+    Sd3(Box<Loaded<crate::pipeline::sd3::Sd3Pipeline>>),
 }
 
 impl Model {
@@ -348,8 +311,8 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     let mut models = Vec::with_capacity(sources.len());
     for s in &sources {
         let m = match s {
-            _ if crate::checkpoint::targets_sd3(cfg, *s)? => {
-                let mut m = crate::checkpoint::load_sd3_model(cfg, *s, a.weights, dev)?;
+            _ if crate::cli::source::targets_sd3(cfg, *s)? => {
+                let mut m = crate::cli::source::load_sd3_model(cfg, *s, a.weights, dev)?;
                 let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
                 texts.push("");
                 m.pipe.prepare_prompts(&texts, a.batch_size)?;

@@ -2,11 +2,14 @@
 //! the shapes testbed (pixels, learned text encoder, exact detector) and SD3 / SD3.5 (latents, CLIP-L +
 //! CLIP-G + T5, VAE, reward modules).
 
+pub mod sd3;
+pub mod shapes;
+
+use crate::image::Image;
 use crate::model::MMDiT;
-use crate::pipeline::{tensor_to_images, ShapesPipeline};
+use crate::pipeline::sd3::Sd3Pipeline;
+use crate::pipeline::shapes::{tensor_to_images, ShapesPipeline};
 use crate::sampling::Conditioning;
-use crate::sd3_pipeline::Sd3Pipeline;
-use crate::shapes::Image;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
 

@@ -9,21 +9,29 @@
 //! Determinism: everything random is seeded by `(run.seed, epoch, purpose)`, so a resumed run repeats
 //! an uninterrupted one (its metrics match, timings aside).
 
+pub mod dgpo;
+pub mod flow_grpo;
+pub mod optim;
+pub mod plan;
+pub mod pretrain;
+
 use crate::config::{AdvantageMode, Algorithm, Config, PromptSampling};
-use crate::dgpo_loss::{advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
 use crate::eval::{evaluate_prompts, EvalSettings};
-use crate::generator::Generator;
 use crate::geneval::Metadata;
 use crate::io::{
     append_jsonl as append_metrics, replace_dir, save_safetensors, staging_dir, write_atomic,
 };
 use crate::model::weights::read_safetensors;
 use crate::model::{Trainable, Weights};
-use crate::optim::{AdamW, AdamWParams, Shadow};
-use crate::pipeline::ShapesPipeline;
+use crate::pipeline::shapes::ShapesPipeline;
+use crate::pipeline::Generator;
+use crate::prompt_file::read_prompt_file;
 use crate::reward::Rewards;
-use crate::sample::read_prompt_file;
 use crate::sampling::{sample, schedule, seeded_randn as randn, Conditioning};
+use crate::train::dgpo::{
+    advantages, dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams,
+};
+use crate::train::optim::{AdamW, AdamWParams, Shadow};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use rand::seq::SliceRandom;
@@ -165,9 +173,9 @@ pub fn run_until(
             );
         }
     }
-    let base = crate::sd3_pipeline::resolve_pretrained(cfg)?;
-    let loaded: Box<dyn Generator> = if crate::sd3_pipeline::is_sd3_pipeline(&base) {
-        let mut p = crate::sd3_pipeline::load_from_config(cfg, &base, &trainable, dev)?;
+    let base = crate::pipeline::sd3::resolve_pretrained(cfg)?;
+    let loaded: Box<dyn Generator> = if crate::pipeline::sd3::is_sd3_pipeline(&base) {
+        let mut p = crate::pipeline::sd3::load_from_config(cfg, &base, &trainable, dev)?;
         // Every prompt of the run goes through the text encoders once, up front; with
         // model.embedding_cache they are then freed and the run reads the cache.
         let mut texts: Vec<&str> = train_items
@@ -355,7 +363,7 @@ pub fn run_until(
         } else {
             r.images.len()
         };
-        let grid = crate::shapes::grid(&r.images[..shown], settings.images_per_prompt * 4, 1);
+        let grid = crate::image::grid(&r.images[..shown], settings.images_per_prompt * 4, 1);
         grid.to_png(&out.join(format!("grids/eval-epoch-{epoch:05}.png")))?;
         println!(
             "eval  epoch {epoch:>4}  step {opt_step:>4}  {}reward {:.3}  ({:.0} s)",
@@ -446,7 +454,7 @@ pub fn run_until(
             order.iter().map(|&i| train_items[i].meta.clone()).collect();
         let mut noise_rng = rng(cfg.run.seed, epoch, 2);
         let grpo = t.algorithm == Algorithm::FlowGrpo;
-        let mut trajs: Vec<crate::flow_grpo::Trajectory> = vec![];
+        let mut trajs: Vec<crate::train::flow_grpo::Trajectory> = vec![];
         let use_ref_weights = !grpo && opt.step as usize > t.switch_ema_ref;
         let mut x0s = vec![];
         let mut conds = vec![];
@@ -454,7 +462,7 @@ pub fn run_until(
         // Each rollout batch is scored on a second thread while the next one is sampled (a remote
         // reward's latency hides behind the rollouts).
         let scored_batches = std::thread::scope(|sc| -> Result<_> {
-            let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<crate::shapes::Image>)>();
+            let (tx, rx) = std::sync::mpsc::channel::<(usize, Vec<crate::image::Image>)>();
             let (prompts, metas, rewards) = (&prompts, &metas, &rewards);
             let scorer = sc.spawn(move || {
                 let mut outs = vec![];
@@ -497,7 +505,7 @@ pub fn run_until(
                     let z = (0..sched.num_steps())
                         .map(|_| randn(&mut noise_rng, (ps.len(), shape.0, shape.1, shape.2), dev))
                         .collect::<Result<Vec<_>>>()?;
-                    let tr = crate::flow_grpo::sde_rollout(
+                    let tr = crate::train::flow_grpo::sde_rollout(
                         pipe.transformer(),
                         &sched,
                         &noise,
@@ -556,7 +564,7 @@ pub fn run_until(
         };
         let adv = match t.advantages {
             AdvantageMode::Sum => advantages(&reward, g, t.global_std, t.adv_clip_max as f32)?,
-            AdvantageMode::Decoupled => crate::dgpo_loss::decoupled_advantages(
+            AdvantageMode::Decoupled => crate::train::dgpo::decoupled_advantages(
                 &parts,
                 g,
                 t.global_std,
@@ -570,7 +578,7 @@ pub fn run_until(
         let js = if grpo {
             let mut all: Vec<usize> = (0..sched.num_steps()).collect();
             all.shuffle(&mut trng);
-            all.truncate(crate::flow_grpo::num_train_steps(
+            all.truncate(crate::train::flow_grpo::num_train_steps(
                 sched.num_steps(),
                 t.timestep_fraction,
             ));
@@ -580,7 +588,7 @@ pub fn run_until(
             draw_timestep_indices(&mut trng, t.trunc_steps, t.num_train_timesteps)
         };
         let traj = if grpo {
-            Some(crate::flow_grpo::Trajectory::cat(&trajs)?)
+            Some(crate::train::flow_grpo::Trajectory::cat(&trajs)?)
         } else {
             None
         };
@@ -883,7 +891,7 @@ impl PassTotals {
     fn absorb(
         &mut self,
         opt: &AdamW,
-        acc: &mut crate::optim::GradAccum,
+        acc: &mut crate::train::optim::GradAccum,
         shards: Vec<ShardPass>,
         epoch: usize,
         algorithm: &str,
@@ -1027,7 +1035,7 @@ fn chunked_dgpo_pass(p: ChunkedPass) -> Result<Vec<ShardPass>> {
 struct GrpoPass<'a> {
     model: &'a crate::model::MMDiT,
     sched: &'a crate::sampling::Schedule,
-    traj: &'a crate::flow_grpo::Trajectory,
+    traj: &'a crate::train::flow_grpo::Trajectory,
     j: usize,
     lo: usize,
     n: usize,
@@ -1043,11 +1051,11 @@ struct GrpoPass<'a> {
 
 /// One Flow-GRPO pass: the policy's SDE step log-probability of the stored transition `x_j → x_{j+1}`
 /// (CFG as in the rollout when `grpo_train_cfg`), the reference's step mean for the KL term, the loss
-/// of [`crate::flow_grpo::grpo_loss`] and its gradient (scaled by the shard's share over `passes`),
+/// of [`crate::train::flow_grpo::grpo_loss`] and its gradient (scaled by the shard's share over `passes`),
 /// one shard of whole groups per worker thread.
 fn grpo_pass(p: GrpoPass) -> Result<Vec<ShardPass>> {
-    use crate::flow_grpo::{grpo_loss, sde_step};
     use crate::sampling::guided_velocity_at;
+    use crate::train::flow_grpo::{grpo_loss, sde_step};
     let (j, n) = (p.j, p.n);
     let sig = &p.sched.sigmas;
     let (sigma, sigma_next) = (f64::from(sig[j]), f64::from(sig[j + 1]));

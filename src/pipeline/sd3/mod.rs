@@ -3,13 +3,17 @@
 //! `generate` samples images from given initial noise as the diffusers pipeline does (CFG on the
 //! prompt and the empty negative prompt, the flow-matching ODE, VAE decode).
 
+pub mod embed_cache;
+pub mod text;
+pub mod vae;
+
 use crate::config::{Config, Sampler};
+use crate::image::Image;
 use crate::model::weights::WeightSource;
 use crate::model::{load_transformer, MMDiT, Trainable, Weights};
+use crate::pipeline::sd3::text::{read_json, Sd3TextEncoders};
+use crate::pipeline::sd3::vae::Sd3Vae;
 use crate::sampling::{sample, schedule, Conditioning};
-use crate::sd3_text::{read_json, Sd3TextEncoders};
-use crate::sd3_vae::Sd3Vae;
-use crate::shapes::Image;
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::path::{Path, PathBuf};
@@ -68,7 +72,7 @@ pub struct Sd3Pipeline {
     /// The scheduler's `shift` (`scheduler/scheduler_config.json`).
     pub shift: f64,
     /// Prompt embeddings on disk ([`Sd3Pipeline::with_cache`]).
-    pub cache: Option<crate::embed_cache::EmbeddingCache>,
+    pub cache: Option<crate::pipeline::sd3::embed_cache::EmbeddingCache>,
     dir: PathBuf,
     max_sequence_length: usize,
     with_t5: bool,
@@ -174,13 +178,15 @@ impl Sd3Pipeline {
 
     /// Keep prompt embeddings under `root` (an entry per prompt, for these encoders and settings).
     pub fn with_cache(mut self, root: &Path) -> Result<Self> {
-        let id = crate::embed_cache::sd3_identity(
+        let id = crate::pipeline::sd3::embed_cache::sd3_identity(
             &self.dir,
             self.max_sequence_length,
             self.with_t5,
             self.dtype,
         );
-        self.cache = Some(crate::embed_cache::EmbeddingCache::new(root, &id)?);
+        self.cache = Some(crate::pipeline::sd3::embed_cache::EmbeddingCache::new(
+            root, &id,
+        )?);
         Ok(self)
     }
 

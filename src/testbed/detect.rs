@@ -315,7 +315,7 @@ pub fn score_image(meta: &Metadata, img: &Image) -> Outcome {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes::{Scene, Shape, CLASSES, SHAPE_SIZES, SIZE};
+    use crate::testbed::{Scene, Shape, CLASSES, SHAPE_SIZES, SIZE};
     use rand::SeedableRng;
 
     fn shape(class: &str, color: &str, x0: u32, y0: u32, size: u32) -> Shape {

@@ -1,9 +1,14 @@
 //! The reward interface: a batch of images with their prompts and (GenEval-style) metadata → one score
 //! per image plus named sub-metrics. Several modules combine as a weighted sum (`[[reward]]` tables).
 
+pub mod clip;
+pub mod remote;
+pub mod serve;
+
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
-use crate::shapes::{score_image, Image};
+use crate::image::Image;
+use crate::testbed::score_image;
 use anyhow::{bail, Context, Result};
 use std::collections::BTreeMap;
 
@@ -82,7 +87,7 @@ pub fn jpeg_bytes(im: &Image, quality: u8) -> Result<Vec<u8>> {
 }
 
 /// `jpeg_incompressibility`: the JPEG size in kB (quality 95); `jpeg_compressibility`: its negative
-/// (ALGORITHM.md; Flow-GRPO's variant divides by 500, i.e. `weight = 0.002`). Sub-metric `size_kb`.
+/// (docs/rewards.md; Flow-GRPO's variant divides by 500, i.e. `weight = 0.002`). Sub-metric `size_kb`.
 pub struct JpegSize {
     pub compressible: bool,
 }
@@ -183,7 +188,7 @@ impl Rewards {
                 );
             }
             if kind == "remote" {
-                crate::reward_remote::RemoteReward::from_config(r)
+                crate::reward::remote::RemoteReward::from_config(r)
                     .with_context(|| format!("reward[{i}]"))?;
             }
             if kind == "aesthetic" && r.head.is_none() {
@@ -211,16 +216,16 @@ impl Rewards {
                 "jpeg_incompressibility" => Box::new(JpegSize {
                     compressible: false,
                 }),
-                k if crate::reward_clip::ClipKind::parse(k).is_some() => Box::new(
-                    crate::reward_clip::ClipReward::from_config(
-                        crate::reward_clip::ClipKind::parse(k).expect("checked"),
+                k if crate::reward::clip::ClipKind::parse(k).is_some() => Box::new(
+                    crate::reward::clip::ClipReward::from_config(
+                        crate::reward::clip::ClipKind::parse(k).expect("checked"),
                         r,
                         dev,
                     )
                     .with_context(|| format!("reward[{i}] ({k})"))?,
                 ),
                 "remote" => Box::new(
-                    crate::reward_remote::RemoteReward::from_config(r)
+                    crate::reward::remote::RemoteReward::from_config(r)
                         .with_context(|| format!("reward[{i}]"))?,
                 ),
                 other => bail!(
@@ -306,12 +311,12 @@ impl Rewards {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::shapes::{prompts::colors, scene_for};
+    use crate::testbed::{prompts::colors, scene_for};
     use rand::SeedableRng;
 
     #[test]
     fn jpeg_rewards_prefer_flat_images_and_are_exact_negatives() {
-        let flat = crate::shapes::Image::new(32, 32, [40, 40, 40]);
+        let flat = crate::image::Image::new(32, 32, [40, 40, 40]);
         let mut busy = flat.clone();
         let mut rng = rand::rngs::StdRng::seed_from_u64(3);
         busy.add_noise(60.0, &mut rng);
@@ -344,7 +349,7 @@ mod tests {
         let mut rng = rand::rngs::StdRng::seed_from_u64(1);
         let m = colors("circle", "red");
         let good = scene_for(&m, &mut rng).unwrap().render();
-        let blank = crate::shapes::Image::new(32, 32, crate::shapes::BACKGROUND);
+        let blank = crate::image::Image::new(32, 32, crate::testbed::BACKGROUND);
         let cfg = vec![RewardConfig {
             kind: "shapes_geneval".into(),
             weight: 2.0,

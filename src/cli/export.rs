@@ -14,7 +14,7 @@
 //! Every file's safetensors header records the base model, the run's config, the epoch, optimizer
 //! step and which weights (EMA or raw). Everything is written to a temporary name and renamed.
 
-use crate::checkpoint::{read_run_checkpoint, run_checkpoint_dir, WeightsChoice};
+use crate::cli::source::{read_run_checkpoint, run_checkpoint_dir, WeightsChoice};
 use crate::io::save_safetensors;
 use crate::model::weights::diffusers_to_sai;
 use anyhow::{bail, Context, Result};
@@ -99,7 +99,7 @@ pub struct ExportReport {
     pub bytes: u64,
 }
 
-fn header(ck: &crate::checkpoint::RunCheckpoint, format: ExportFormat) -> HashMap<String, String> {
+fn header(ck: &crate::cli::source::RunCheckpoint, format: ExportFormat) -> HashMap<String, String> {
     HashMap::from([
         ("format".to_string(), "pt".to_string()),
         (
@@ -144,14 +144,14 @@ pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
     // An SD3 run needs only its transformer (plus, for a pipeline folder, the base's other files); a
     // shapes run's pipeline is small and is written whole.
     let sd3_base = if ck.is_sd3()? {
-        Some(crate::sd3_pipeline::resolve_pretrained(&ck.config)?)
+        Some(crate::pipeline::sd3::resolve_pretrained(&ck.config)?)
     } else {
         None
     };
     let (shapes, sd3_transformer) = match &sd3_base {
         Some(_) => (None, Some(ck.load_sd3_transformer(dev)?)),
         None => (
-            Some(ck.load_pipeline::<crate::pipeline::ShapesPipeline>(dev)?),
+            Some(ck.load_pipeline::<crate::pipeline::shapes::ShapesPipeline>(dev)?),
             None,
         ),
     };
@@ -300,7 +300,7 @@ fn sd3_pipeline_folder(
     }
     let stage = crate::io::staging_dir(out)?;
     link_tree(base, &stage, "transformer")?;
-    crate::pipeline::write_transformer_folder(
+    crate::pipeline::shapes::write_transformer_folder(
         &stage.join("transformer"),
         transformer,
         true,

@@ -1,4 +1,4 @@
-//! The shapes testbed world (issue 3): "GenEval in miniature".
+//! The shapes testbed world: "GenEval in miniature".
 //!
 //! Flat coloured shapes on a plain dark background in 32×32 RGB images; prompts in GenEval's exact
 //! metadata schema and wording ([`prompts`]); scenes that satisfy a prompt ([`scene_for`]); an exact
@@ -14,12 +14,11 @@
 //!   border.
 
 pub mod detect;
-pub mod image;
 pub mod prompts;
 pub mod scene;
 
+use crate::image::Image;
 pub use detect::{detect, score_image};
-pub use image::{grid, Image};
 pub use prompts::{
     all_prompts, prompt_split, random_metadata, random_metadata_of, write_prompt_files,
 };

@@ -18,8 +18,8 @@
 
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
+use crate::image::Image;
 use crate::reward::{Reward, RewardOutput};
-use crate::shapes::Image;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use serde_pickle::{HashableValue, Value as Pickle};

@@ -232,7 +232,7 @@ pub struct TrainConfig {
     pub ema_decay: f64,
     /// Optimizer steps between slow-EMA updates.
     pub ema_every: usize,
-    /// `dgpo` (this project's algorithm) or `flow_grpo` (the baseline, issue 8).
+    /// `dgpo` (this project's algorithm) or `flow_grpo` (the baseline, docs/flow-grpo.md).
     pub algorithm: Algorithm,
     /// Flow-GRPO: SDE noise level `a` of the rollouts (0.7 in the reference).
     pub noise_level: f64,
@@ -259,7 +259,7 @@ pub enum AdvantageMode {
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
 #[serde(rename_all = "snake_case")]
 pub enum Algorithm {
-    /// Direct Group Preference Optimization (deterministic ODE rollouts, ALGORITHM.md).
+    /// Direct Group Preference Optimization (deterministic ODE rollouts, docs/algorithm.md).
     #[default]
     Dgpo,
     /// Flow-GRPO: SDE rollouts with per-step log-probabilities, PPO-clipped ratio loss on the steps.

@@ -7,8 +7,8 @@ use crate::config::Config;
 use crate::model::lora::load_lora;
 use crate::model::weights::{read_safetensors, sai_to_diffusers};
 use crate::model::{LoraSpec, MMDiT, Trainable};
-use crate::pipeline::{is_shapes_pipeline, ShapesPipeline};
-use crate::sd3_pipeline::Sd3Pipeline;
+use crate::pipeline::sd3::Sd3Pipeline;
+use crate::pipeline::shapes::{is_shapes_pipeline, ShapesPipeline};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -69,15 +69,15 @@ impl RunCheckpoint {
 
     /// Whether the run fine-tuned an SD3 / SD3.5 pipeline (rather than a shapes pipeline).
     pub fn is_sd3(&self) -> Result<bool> {
-        Ok(crate::sd3_pipeline::is_sd3_pipeline(
-            &crate::sd3_pipeline::resolve_pretrained(&self.config)?,
+        Ok(crate::pipeline::sd3::is_sd3_pipeline(
+            &crate::pipeline::sd3::resolve_pretrained(&self.config)?,
         ))
     }
 
     /// The transformer of an SD3 run's base with the checkpoint's trained tensors in place (no text
     /// encoders, no VAE): what exports need. Frozen weights in f32 on the CPU, `model.dtype` on CUDA.
     pub fn load_sd3_transformer(&self, dev: &Device) -> Result<MMDiT> {
-        let base = crate::sd3_pipeline::resolve_pretrained(&self.config)?;
+        let base = crate::pipeline::sd3::resolve_pretrained(&self.config)?;
         let trainable = match self.lora_spec() {
             Some(spec) => Trainable::Lora { spec, seed: 0 },
             None => Trainable::Full,
@@ -162,13 +162,13 @@ impl BasePipeline for ShapesPipeline {
 
 impl BasePipeline for Sd3Pipeline {
     fn base_of(cfg: &Config) -> Result<PathBuf> {
-        crate::sd3_pipeline::resolve_pretrained(cfg)
+        crate::pipeline::sd3::resolve_pretrained(cfg)
     }
     fn is_pipeline(path: &Path) -> bool {
-        crate::sd3_pipeline::is_sd3_pipeline(path)
+        crate::pipeline::sd3::is_sd3_pipeline(path)
     }
     fn load_base(cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self> {
-        crate::sd3_pipeline::load_from_config(cfg, dir, trainable, dev)
+        crate::pipeline::sd3::load_from_config(cfg, dir, trainable, dev)
     }
     fn transformer(&self) -> &MMDiT {
         &self.transformer
@@ -251,13 +251,13 @@ pub fn run_checkpoint_dir(path: &Path) -> Result<Option<PathBuf>> {
 pub fn targets_sd3(cfg: &Config, checkpoint: Option<&Path>) -> Result<bool> {
     let base_is_sd3 = |pretrained: &str| {
         crate::hub::is_repo_id(pretrained)
-            || crate::sd3_pipeline::is_sd3_pipeline(Path::new(pretrained))
+            || crate::pipeline::sd3::is_sd3_pipeline(Path::new(pretrained))
     };
     if let Some(p) = checkpoint {
         if is_shapes_pipeline(p) {
             return Ok(false);
         }
-        if crate::sd3_pipeline::is_sd3_pipeline(p) {
+        if crate::pipeline::sd3::is_sd3_pipeline(p) {
             return Ok(true);
         }
         if let Some(dir) = run_checkpoint_dir(p)? {

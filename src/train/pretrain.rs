@@ -18,11 +18,11 @@ use crate::io::{
 };
 use crate::model::weights::read_safetensors;
 use crate::model::{TransformerConfig, Weights};
-use crate::optim::{AdamW, AdamWParams, Shadow};
-use crate::pipeline::{images_to_tensor, ShapesPipeline};
+use crate::pipeline::shapes::text::{ShapesTokenizer, TextEncoderConfig};
+use crate::pipeline::shapes::{images_to_tensor, ShapesPipeline};
 use crate::sampling::seeded_randn;
-use crate::shapes::{random_metadata, random_metadata_of, scene_on_lattice};
-use crate::text::{ShapesTokenizer, TextEncoderConfig};
+use crate::testbed::{random_metadata, random_metadata_of, scene_on_lattice};
+use crate::train::optim::{AdamW, AdamWParams, Shadow};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
 use rand::{Rng, SeedableRng};
@@ -568,7 +568,7 @@ mod tests {
 
     /// Tag of each non-empty caption of the batches of steps `0..steps`.
     fn caption_tags(cfg: &Config, steps: usize) -> Vec<String> {
-        let tag_of: HashMap<String, String> = crate::shapes::all_prompts()
+        let tag_of: HashMap<String, String> = crate::testbed::all_prompts()
             .into_iter()
             .map(|m| (m.prompt, m.tag))
             .collect();

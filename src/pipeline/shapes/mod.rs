@@ -11,12 +11,14 @@
 //! ```
 //! Images live directly in the model's input space: `in_channels = 3`, RGB scaled to `[-1, 1]` (no VAE).
 
+pub mod text;
+
+use crate::image::Image;
 use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
 use crate::model::weights::{diffusers_weight_files, read_safetensors};
 use crate::model::{MMDiT, Trainable, TransformerConfig, WeightStore};
+use crate::pipeline::shapes::text::{ShapesTokenizer, TextEncoder, TextEncoderConfig};
 use crate::sampling::Conditioning;
-use crate::shapes::Image;
-use crate::text::{ShapesTokenizer, TextEncoder, TextEncoderConfig};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -126,7 +128,7 @@ impl ShapesPipeline {
             "_class_name": PIPELINE_CLASS,
             "_dgpo_version": env!("CARGO_PKG_VERSION"),
             "transformer": ["dgpo", "SD3Transformer2DModel"],
-            "text_encoder": ["dgpo", crate::text::TEXT_ENCODER_CLASS],
+            "text_encoder": ["dgpo", crate::pipeline::shapes::text::TEXT_ENCODER_CLASS],
             "tokenizer": ["tokenizers", "WordLevel"],
         });
         write_atomic(

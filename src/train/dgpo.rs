@@ -1,4 +1,4 @@
-//! The DGPO update (ALGORITHM.md steps 2–4) as equations on Candle tensors: group advantages, the draw
+//! The DGPO update (docs/algorithm.md, steps 2–4) as equations on Candle tensors: group advantages, the draw
 //! of the trained timestep indices, and the loss of one micro-batch at one timestep. No model here: the
 //! caller supplies the per-sample flow-matching losses.
 //!

@@ -10,8 +10,8 @@
 //! weights that produce the log-variance are replaced at load time by zeros with bias −10⁴: the
 //! standard deviation is then exactly 0 and the sample is the mean. Decoding never reads them.
 
-use crate::sd3_text::{read_json, weights_named};
-use crate::shapes::Image;
+use crate::image::Image;
+use crate::pipeline::sd3::text::{read_json, weights_named};
 use anyhow::{ensure, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use candle_transformers::models::stable_diffusion::vae::{AutoEncoderKL, AutoEncoderKLConfig};

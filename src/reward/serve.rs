@@ -1,5 +1,5 @@
 //! `dgpo reward-server`: dgpo's in-process rewards served over the JSON protocol that
-//! [`crate::reward_remote`] speaks (`GET /health`, `POST /compute`), so a trainer on another machine,
+//! [`crate::reward::remote`] speaks (`GET /health`, `POST /compute`), so a trainer on another machine,
 //! or another framework, can score with them; and the loopback server of the remote-reward tests.
 //!
 //! A `/compute` body is `{"prompt": [...], "image": [base64 PNG, ...], "metadata": [... or null]}`;
@@ -7,8 +7,8 @@
 //! Malformed requests get HTTP 400 with a message naming the field; scoring errors get 500.
 
 use crate::geneval::Metadata;
+use crate::image::Image;
 use crate::reward::Rewards;
-use crate::shapes::Image;
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use std::sync::atomic::{AtomicUsize, Ordering};

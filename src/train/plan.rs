@@ -54,7 +54,7 @@ impl Plan {
                 // policy (and reference for the KL term), with CFG when grpo_train_cfg
                 crate::config::Algorithm::FlowGrpo => {
                     let c = if t.grpo_train_cfg { cfg_mult } else { 1 };
-                    crate::flow_grpo::num_train_steps(s.num_steps, t.timestep_fraction)
+                    crate::train::flow_grpo::num_train_steps(s.num_steps, t.timestep_fraction)
                         * c
                         * (1 + usize::from(t.beta_kl > 0.0))
                 }
@@ -93,7 +93,7 @@ impl Plan {
                 cfg.train.noise_level,
                 self.micro_batches_per_epoch,
                 cfg.train.batch_size,
-                crate::flow_grpo::num_train_steps(s.num_steps, cfg.train.timestep_fraction),
+                crate::train::flow_grpo::num_train_steps(s.num_steps, cfg.train.timestep_fraction),
                 s.num_steps
             ),
         };

@@ -187,7 +187,7 @@ pub fn relation_strength(a: &[f32; 4], b: &[f32; 4], rel: &str) -> f64 {
 mod tests {
     use super::*;
     use crate::geneval::relative_position;
-    use crate::shapes::prompts;
+    use crate::testbed::prompts;
     use rand::SeedableRng;
 
     #[test]
@@ -214,7 +214,7 @@ mod tests {
 
     #[test]
     fn lattice_scenes_start_on_the_lattice_and_satisfy_the_prompt() {
-        let prompts = crate::shapes::all_prompts();
+        let prompts = crate::testbed::all_prompts();
         for lattice in [1, 4, 8] {
             let mut rng = rand::rngs::StdRng::seed_from_u64(3);
             let mut offsets = std::collections::BTreeSet::new();
@@ -229,7 +229,7 @@ mod tests {
                 }
                 let img = scene.render();
                 assert!(
-                    crate::shapes::score_image(m, &img).strict,
+                    crate::testbed::score_image(m, &img).strict,
                     "{lattice}: {m:?}"
                 );
             }

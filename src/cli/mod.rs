@@ -1,0 +1,6 @@
+//! The subcommands that read models back from disk: `dgpo sample`, `dgpo export`, and the resolver
+//! of their `--checkpoint` values ([`source`]). The argument parser itself is `src/main.rs`.
+
+pub mod export;
+pub mod sample;
+pub mod source;
