@@ -6,7 +6,7 @@ use crate::config::{Config, Sampler};
 use crate::geneval::{summarize, Metadata, Outcome, Summary};
 use crate::image::Image;
 use crate::model::Weights;
-use crate::pipeline::Generator;
+use crate::pipeline::Pipeline;
 use crate::prompt_file::PromptItem;
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule, seeded_randn};
@@ -76,7 +76,7 @@ pub struct EvalResult {
 /// Sample and score every prompt of `metas` with the shapes world's detector. `w` selects the
 /// weights (policy, reference).
 pub fn evaluate(
-    pipe: &dyn Generator,
+    pipe: &dyn Pipeline,
     metas: &[Metadata],
     s: &EvalSettings,
     w: Weights,
@@ -97,7 +97,7 @@ pub fn evaluate(
 /// `rewards` (the `[[reward]]` modules), whose `strict_accuracy` and `accuracy` sub-metrics, when a
 /// module has them (the GenEval server), give the per-tag GenEval scores.
 pub fn evaluate_prompts(
-    pipe: &dyn Generator,
+    pipe: &dyn Pipeline,
     items: &[PromptItem],
     s: &EvalSettings,
     w: Weights,
@@ -263,7 +263,7 @@ pub fn run_cli(
             .context("loading the model to evaluate")?;
         (None, Some(m), None)
     };
-    let (pipe, dir): (&dyn Generator, &std::path::Path) = match (&sd3, &shapes) {
+    let (pipe, dir): (&dyn Pipeline, &std::path::Path) = match (&sd3, &shapes) {
         (Some(m), _) => (&m.pipe, &m.path),
         (None, Some(m)) => (&m.pipe, &m.path),
         (None, None) => unreachable!("one model is loaded"),

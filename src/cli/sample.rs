@@ -19,7 +19,7 @@ use crate::geneval::{summarize, Metadata};
 use crate::image::Image;
 use crate::io::{append_jsonl, save_safetensors, write_atomic};
 use crate::model::Weights;
-use crate::pipeline::Generator;
+use crate::pipeline::Pipeline;
 use crate::prompt_file::{read_prompt_file, PromptItem};
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule};
@@ -154,7 +154,7 @@ impl Model {
         }
     }
 
-    fn generator(&self) -> &dyn Generator {
+    fn generator(&self) -> &dyn Pipeline {
         match self {
             Model::Shapes(m) => &m.pipe,
             Model::Sd3(m) => &m.pipe,

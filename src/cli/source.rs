@@ -9,6 +9,7 @@ use crate::model::weights::{read_safetensors, sai_to_diffusers};
 use crate::model::{LoraSpec, MMDiT, Trainable};
 use crate::pipeline::sd3::Sd3Pipeline;
 use crate::pipeline::shapes::{is_shapes_pipeline, ShapesPipeline};
+use crate::pipeline::Pipeline;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use serde::{Deserialize, Serialize};
@@ -106,7 +107,7 @@ impl RunCheckpoint {
 
     /// Load the run's base pipeline with the checkpoint's trained tensors in place (adapters kept
     /// separate, not merged).
-    pub fn load_pipeline<P: BasePipeline>(&self, dev: &Device) -> Result<P> {
+    pub fn load_pipeline<P: Pipeline>(&self, dev: &Device) -> Result<P> {
         let base = P::base_of(&self.config)?;
         let trainable = match self.lora_spec() {
             Some(spec) => Trainable::Lora { spec, seed: 0 },
@@ -127,54 +128,6 @@ impl RunCheckpoint {
             )
         })?;
         Ok(pipe)
-    }
-}
-
-/// A pipeline that `--checkpoint` values build on: the shapes pipeline or an SD3 / SD3.5 pipeline.
-pub trait BasePipeline: Sized {
-    /// The base folder a config names (`model.pretrained`; a hub id resolved for SD3).
-    fn base_of(cfg: &Config) -> Result<PathBuf>;
-    /// Whether `path` is a whole pipeline of this kind (a checkpoint value that is its own base).
-    fn is_pipeline(path: &Path) -> bool;
-    /// Load the pipeline in `dir` with `trainable` adapters / weights, as `cfg` asks.
-    fn load_base(cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self>;
-    fn transformer(&self) -> &MMDiT;
-    fn set_transformer(&mut self, m: MMDiT);
-}
-
-impl BasePipeline for ShapesPipeline {
-    fn base_of(cfg: &Config) -> Result<PathBuf> {
-        Ok(PathBuf::from(&cfg.model.pretrained))
-    }
-    fn is_pipeline(path: &Path) -> bool {
-        is_shapes_pipeline(path)
-    }
-    fn load_base(_cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self> {
-        ShapesPipeline::load(dir, trainable, dev)
-    }
-    fn transformer(&self) -> &MMDiT {
-        &self.transformer
-    }
-    fn set_transformer(&mut self, m: MMDiT) {
-        self.transformer = m;
-    }
-}
-
-impl BasePipeline for Sd3Pipeline {
-    fn base_of(cfg: &Config) -> Result<PathBuf> {
-        crate::pipeline::sd3::resolve_pretrained(cfg)
-    }
-    fn is_pipeline(path: &Path) -> bool {
-        crate::pipeline::sd3::is_sd3_pipeline(path)
-    }
-    fn load_base(cfg: &Config, dir: &Path, trainable: &Trainable, dev: &Device) -> Result<Self> {
-        crate::pipeline::sd3::load_from_config(cfg, dir, trainable, dev)
-    }
-    fn transformer(&self) -> &MMDiT {
-        &self.transformer
-    }
-    fn set_transformer(&mut self, m: MMDiT) {
-        self.transformer = m;
     }
 }
 
@@ -386,7 +339,7 @@ pub fn load_sd3_model(
     load_any(cfg, checkpoint, weights, dev)
 }
 
-fn load_any<P: BasePipeline>(
+fn load_any<P: Pipeline>(
     cfg: &Config,
     checkpoint: Option<&Path>,
     weights: WeightsChoice,

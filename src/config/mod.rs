@@ -266,6 +266,16 @@ pub enum Algorithm {
     FlowGrpo,
 }
 
+impl Algorithm {
+    /// The algorithm's name in messages.
+    pub fn name(self) -> &'static str {
+        match self {
+            Algorithm::Dgpo => "DGPO",
+            Algorithm::FlowGrpo => "Flow-GRPO",
+        }
+    }
+}
+
 impl Default for TrainConfig {
     fn default() -> Self {
         Self {

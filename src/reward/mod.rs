@@ -1,15 +1,21 @@
 //! The reward interface: a batch of images with their prompts and (GenEval-style) metadata → one score
-//! per image plus named sub-metrics. Several modules combine as a weighted sum (`[[reward]]` tables).
+//! per image plus named sub-metrics. Several modules combine as a weighted sum (`[[reward]]` tables);
+//! [`KINDS`] is the one table of the kinds, each in a file of its own.
 
 pub mod clip;
+pub mod jpeg;
 pub mod remote;
 pub mod serve;
+pub mod shapes_geneval;
+
+pub use jpeg::{jpeg_bytes, jpeg_size_kb, JpegSize};
+pub use shapes_geneval::ShapesGeneval;
 
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
 use crate::image::Image;
-use crate::testbed::score_image;
 use anyhow::{bail, Context, Result};
+use candle_core::Device;
 use std::collections::BTreeMap;
 
 /// Scores of one batch.
@@ -35,103 +41,86 @@ pub trait Reward: Send + Sync {
     ) -> Result<RewardOutput>;
 }
 
-/// GenEval scoring of the shapes world with its exact detector: the training reward is the reference's
-/// partial-credit score; `strict_accuracy` and `accuracy` (GenEval's `correct`) come along.
-pub struct ShapesGeneval;
-
-impl Reward for ShapesGeneval {
-    fn name(&self) -> &str {
-        "shapes_geneval"
-    }
-
-    fn score(
-        &self,
-        images: &[Image],
-        _prompts: &[String],
-        metadata: &[Option<Metadata>],
-    ) -> Result<RewardOutput> {
-        let mut out = RewardOutput::default();
-        let mut strict = vec![];
-        let mut correct = vec![];
-        for (i, (im, m)) in images.iter().zip(metadata).enumerate() {
-            let Some(m) = m else {
-                bail!("shapes_geneval needs GenEval metadata for every prompt; image {i} has none (use a .jsonl prompt file)");
-            };
-            let o = score_image(m, im);
-            out.scores.push(o.reward as f32);
-            strict.push(o.strict as u8 as f32);
-            correct.push(o.correct as u8 as f32);
-        }
-        out.sub.insert("strict_accuracy".into(), strict);
-        out.sub.insert("accuracy".into(), correct);
-        Ok(out)
-    }
+/// One `[[reward]] kind`: its name, a check of its table that loads nothing (for validation and
+/// `--dry-run`), and how the module is built.
+struct Kind {
+    name: &'static str,
+    check: fn(&RewardConfig) -> Result<()>,
+    build: fn(&RewardConfig, &Device) -> Result<Box<dyn Reward>>,
 }
 
-/// Size in kB (1000 bytes) of an image encoded as baseline JPEG at quality 95, 4:2:0, standard Huffman
-/// tables — what PIL's `image.save(buffer, format="JPEG", quality=95)` does in the reference rewards.
-pub fn jpeg_size_kb(im: &Image) -> Result<f64> {
-    Ok(jpeg_bytes(im, 95)?.len() as f64 / 1000.0)
+fn no_check(_: &RewardConfig) -> Result<()> {
+    Ok(())
 }
 
-/// Baseline JPEG at `quality`, 4:2:0, standard tables (PIL's defaults apart from the quality, which
-/// PIL defaults to 75).
-pub fn jpeg_bytes(im: &Image, quality: u8) -> Result<Vec<u8>> {
-    let (w, h) = (u16::try_from(im.width)?, u16::try_from(im.height)?);
-    let mut buf = Vec::new();
-    let mut enc = jpeg_encoder::Encoder::new(&mut buf, quality);
-    enc.set_sampling_factor(jpeg_encoder::SamplingFactor::F_2_2);
-    enc.encode(&im.data, w, h, jpeg_encoder::ColorType::Rgb)
-        .map_err(|e| anyhow::anyhow!("JPEG encoding of a {w}x{h} image: {e}"))?;
-    Ok(buf)
+fn build_clip(r: &RewardConfig, dev: &Device) -> Result<Box<dyn Reward>> {
+    let kind = clip::ClipKind::parse(&r.kind).context("not a CLIP reward kind")?;
+    Ok(Box::new(clip::ClipReward::from_config(kind, r, dev)?))
 }
 
-/// `jpeg_incompressibility`: the JPEG size in kB (quality 95); `jpeg_compressibility`: its negative
-/// (docs/rewards.md; Flow-GRPO's variant divides by 500, i.e. `weight = 0.002`). Sub-metric `size_kb`.
-pub struct JpegSize {
-    pub compressible: bool,
-}
-
-impl Reward for JpegSize {
-    fn name(&self) -> &str {
-        if self.compressible {
-            "jpeg_compressibility"
-        } else {
-            "jpeg_incompressibility"
-        }
-    }
-
-    fn score(
-        &self,
-        images: &[Image],
-        _prompts: &[String],
-        _metadata: &[Option<Metadata>],
-    ) -> Result<RewardOutput> {
-        let sizes = images
-            .iter()
-            .map(jpeg_size_kb)
-            .collect::<Result<Vec<_>>>()?;
-        let sign = if self.compressible { -1.0 } else { 1.0 };
-        let mut out = RewardOutput {
-            scores: sizes.iter().map(|s| (sign * s) as f32).collect(),
-            ..Default::default()
-        };
-        out.sub
-            .insert("size_kb".into(), sizes.iter().map(|s| *s as f32).collect());
-        Ok(out)
-    }
-}
-
-/// Names accepted in `[[reward]] kind = …` today.
-pub const KNOWN: [&str; 7] = [
-    "shapes_geneval",
-    "jpeg_compressibility",
-    "jpeg_incompressibility",
-    "clip_score",
-    "pickscore",
-    "aesthetic",
-    "remote",
+/// Every reward kind: the one place that lists them.
+const KINDS: [Kind; 7] = [
+    Kind {
+        name: "shapes_geneval",
+        check: no_check,
+        build: |_, _| Ok(Box::new(ShapesGeneval)),
+    },
+    Kind {
+        name: "jpeg_compressibility",
+        check: no_check,
+        build: |_, _| Ok(Box::new(JpegSize { compressible: true })),
+    },
+    Kind {
+        name: "jpeg_incompressibility",
+        check: no_check,
+        build: |_, _| {
+            Ok(Box::new(JpegSize {
+                compressible: false,
+            }))
+        },
+    },
+    Kind {
+        name: "clip_score",
+        check: no_check,
+        build: build_clip,
+    },
+    Kind {
+        name: "pickscore",
+        check: no_check,
+        build: build_clip,
+    },
+    Kind {
+        name: "aesthetic",
+        check: |r| {
+            if r.head.is_none() {
+                bail!("aesthetic needs head = \"path/to/sac+logos+ava1-l14-linearMSE.pth\"");
+            }
+            Ok(())
+        },
+        build: build_clip,
+    },
+    Kind {
+        name: "remote",
+        check: |r| remote::RemoteReward::from_config(r).map(|_| ()),
+        build: |r, _| Ok(Box::new(remote::RemoteReward::from_config(r)?)),
+    },
 ];
+
+/// The names accepted in `[[reward]] kind = …`.
+pub fn kinds() -> Vec<&'static str> {
+    KINDS.iter().map(|k| k.name).collect()
+}
+
+/// The kind of table `i`, or an error naming the known kinds.
+fn kind_of(i: usize, r: &RewardConfig) -> Result<&'static Kind> {
+    KINDS.iter().find(|k| k.name == r.kind).with_context(|| {
+        format!(
+            "reward[{i}].kind = {:?} is not available (known: {})",
+            r.kind,
+            kinds().join(", ")
+        )
+    })
+}
 
 /// Per-image values of every module and sub-metric, by name.
 pub type NamedScores = BTreeMap<String, Vec<f32>>;
@@ -140,32 +129,40 @@ pub type NamedScores = BTreeMap<String, Vec<f32>>;
 pub type ModuleScores = Vec<(f64, Vec<f32>)>;
 
 /// What [`Rewards::score_parts`] returns.
-pub type Scored = (Vec<f32>, NamedScores, ModuleScores);
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Scored {
+    /// The weighted total per image: the training reward.
+    pub total: Vec<f32>,
+    /// Every module's scores and sub-metrics under `<module>` and `<module>/<sub>`.
+    pub named: NamedScores,
+    /// Each module's weight and raw scores (for decoupled advantages).
+    pub modules: ModuleScores,
+}
 
 /// The scores of consecutive batches as one; a named score is kept when every batch has it.
 pub fn concat_scored(parts: Vec<Scored>) -> Result<Scored> {
     let mut it = parts.into_iter();
-    let Some((mut total, mut named, mut modules)) = it.next() else {
+    let Some(mut all) = it.next() else {
         return Ok(Default::default());
     };
-    for (t, n, m) in it {
-        if m.len() != modules.len() {
+    for next in it {
+        if next.modules.len() != all.modules.len() {
             bail!(
                 "reward batches with {} and {} modules",
-                modules.len(),
-                m.len()
+                all.modules.len(),
+                next.modules.len()
             );
         }
-        total.extend(t);
-        named.retain(|k, _| n.contains_key(k));
-        for (k, v) in named.iter_mut() {
-            v.extend(&n[k]);
+        all.total.extend(next.total);
+        all.named.retain(|k, _| next.named.contains_key(k));
+        for (k, v) in all.named.iter_mut() {
+            v.extend(&next.named[k]);
         }
-        for ((_, a), (_, b)) in modules.iter_mut().zip(m) {
+        for ((_, a), (_, b)) in all.modules.iter_mut().zip(next.modules) {
             a.extend(b);
         }
     }
-    Ok((total, named, modules))
+    Ok(all)
 }
 
 /// A weighted sum of reward modules.
@@ -180,59 +177,23 @@ impl Rewards {
             bail!("no [[reward]] in the config: add e.g. [[reward]] kind = \"shapes_geneval\"");
         }
         for (i, r) in cfg.iter().enumerate() {
-            let kind = r.kind.as_str();
-            if !KNOWN.contains(&kind) {
-                bail!(
-                    "reward[{i}].kind = {kind:?} is not available (known: {})",
-                    KNOWN.join(", ")
-                );
-            }
-            if kind == "remote" {
-                crate::reward::remote::RemoteReward::from_config(r)
-                    .with_context(|| format!("reward[{i}]"))?;
-            }
-            if kind == "aesthetic" && r.head.is_none() {
-                bail!("reward[{i}] (aesthetic) needs head = \"path/to/sac+logos+ava1-l14-linearMSE.pth\"");
-            }
+            (kind_of(i, r)?.check)(r).with_context(|| format!("reward[{i}] ({})", r.kind))?;
         }
         Ok(())
     }
 
     /// The modules of `[[reward]]` tables, models on the CPU.
     pub fn from_config(cfg: &[RewardConfig]) -> Result<Self> {
-        Self::from_config_on(cfg, &candle_core::Device::Cpu)
+        Self::from_config_on(cfg, &Device::Cpu)
     }
 
     /// As [`Rewards::from_config`], reward models (CLIP) on `dev`.
-    pub fn from_config_on(cfg: &[RewardConfig], dev: &candle_core::Device) -> Result<Self> {
-        if cfg.is_empty() {
-            bail!("no [[reward]] in the config: add e.g. [[reward]] kind = \"shapes_geneval\"");
-        }
+    pub fn from_config_on(cfg: &[RewardConfig], dev: &Device) -> Result<Self> {
+        Self::validate(cfg)?;
         let mut parts: Vec<(f64, Box<dyn Reward>)> = vec![];
         for (i, r) in cfg.iter().enumerate() {
-            let m: Box<dyn Reward> = match r.kind.as_str() {
-                "shapes_geneval" => Box::new(ShapesGeneval),
-                "jpeg_compressibility" => Box::new(JpegSize { compressible: true }),
-                "jpeg_incompressibility" => Box::new(JpegSize {
-                    compressible: false,
-                }),
-                k if crate::reward::clip::ClipKind::parse(k).is_some() => Box::new(
-                    crate::reward::clip::ClipReward::from_config(
-                        crate::reward::clip::ClipKind::parse(k).expect("checked"),
-                        r,
-                        dev,
-                    )
-                    .with_context(|| format!("reward[{i}] ({k})"))?,
-                ),
-                "remote" => Box::new(
-                    crate::reward::remote::RemoteReward::from_config(r)
-                        .with_context(|| format!("reward[{i}]"))?,
-                ),
-                other => bail!(
-                    "reward[{i}].kind = {other:?} is not available (known: {})",
-                    KNOWN.join(", ")
-                ),
-            };
+            let m = (kind_of(i, r)?.build)(r, dev)
+                .with_context(|| format!("reward[{i}] ({})", r.kind))?;
             parts.push((r.weight, m));
         }
         Ok(Self { parts })
@@ -255,8 +216,8 @@ impl Rewards {
         prompts: &[String],
         metadata: &[Option<Metadata>],
     ) -> Result<(Vec<f32>, NamedScores)> {
-        let (total, named, _) = self.score_parts(images, prompts, metadata)?;
-        Ok((total, named))
+        let s = self.score_parts(images, prompts, metadata)?;
+        Ok((s.total, s.named))
     }
 
     /// As [`Rewards::score`], also returning each module's weight and raw scores in config order (for
@@ -304,7 +265,11 @@ impl Rewards {
                 named.insert(format!("{name}/{k}"), v);
             }
         }
-        Ok((total, named, parts))
+        Ok(Scored {
+            total,
+            named,
+            modules: parts,
+        })
     }
 }
 

@@ -1,8 +1,10 @@
 //! AdamW as PyTorch's `torch.optim.AdamW` (decoupled weight decay, bias-corrected moments), global
 //! gradient-norm clipping as `clip_grad_norm_`, gradient accumulation over micro-batches, and a state that
 //! can be saved and restored exactly (Candle's own `AdamW` keeps its moments private and defaults to a
-//! weight decay of 0.01).
+//! weight decay of 0.01); the EMA copies of the weights ([`Shadow`]); and [`TrainState`], the three
+//! together as a run carries them from one epoch to the next.
 
+use crate::config::TrainConfig;
 use anyhow::{bail, Result};
 use candle_core::backprop::GradStore;
 use candle_core::{DType, Tensor, Var};
@@ -206,6 +208,50 @@ impl Shadow {
             .zip(&self.values)
             .map(|((n, _), t)| (format!("{prefix}{n}"), t.clone()))
             .collect()
+    }
+}
+
+/// What a run carries from one epoch to the next: AdamW over the trainable variables, the
+/// EMA-reference (the "old" policy of DGPO's clipped ratio, and its rollout policy after
+/// `train.switch_ema_ref` steps) and the slow EMA that is evaluated and exported.
+pub struct TrainState {
+    pub opt: AdamW,
+    pub ema_ref: Shadow,
+    pub ema: Shadow,
+}
+
+impl TrainState {
+    /// A fresh state: zero moments, both EMAs equal to the current weights.
+    pub fn new(vars: Vec<(String, Var)>, t: &TrainConfig) -> Result<Self> {
+        let params = AdamWParams {
+            lr: t.learning_rate,
+            beta1: t.adam_beta1,
+            beta2: t.adam_beta2,
+            eps: t.adam_epsilon,
+            weight_decay: t.adam_weight_decay,
+        };
+        let opt = AdamW::new(vars.clone(), params)?;
+        Ok(Self {
+            ema_ref: Shadow::of(&vars)?,
+            ema: Shadow::of(&vars)?,
+            opt,
+        })
+    }
+
+    /// One AdamW step on the epoch's accumulated gradients (clipped to `train.max_grad_norm`), then
+    /// the EMA-reference with decay `min(0.3, 0.001·step)` and, every `train.ema_every` steps, the
+    /// slow EMA with decay `min(ema_decay, (1 + step) / (10 + step))`. Returns the gradient norm
+    /// before clipping.
+    pub fn step(&mut self, acc: GradAccum, t: &TrainConfig) -> Result<f64> {
+        let grad_norm = self.opt.step(acc, t.learning_rate, Some(t.max_grad_norm))?;
+        let step = self.opt.step;
+        let vars = self.opt.vars();
+        self.ema_ref.update(vars, (0.001 * step as f64).min(0.3))?;
+        if step.is_multiple_of(t.ema_every as u64) {
+            let d = t.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
+            self.ema.update(vars, d)?;
+        }
+        Ok(grad_norm)
     }
 }
 

@@ -1,0 +1,397 @@
+//! What DGPO and Flow-GRPO do differently inside one epoch, behind one trait: how a rollout batch is
+//! sampled (DGPO: the deterministic ODE; Flow-GRPO: the SDE with its log-probabilities kept), which
+//! step indices are trained, and what one pass over a micro-batch differentiates. The equations are
+//! in [`crate::train::dgpo`] and [`crate::train::flow_grpo`]; see docs/algorithm.md.
+
+use crate::config::{SampleConfig, Sampler, TrainConfig};
+use crate::model::{MMDiT, Weights};
+use crate::sampling::{sample, seeded_randn as randn, velocity_sharded, Conditioning, Schedule};
+use crate::train::dgpo::{dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
+use crate::train::flow_grpo::Trajectory;
+use crate::train::policy::{Policies, Policy};
+use crate::train::update::{MicroBatch, ShardPass};
+use anyhow::{Context, Result};
+use candle_core::{DType, Tensor};
+use rand::rngs::StdRng;
+use rand::seq::SliceRandom;
+
+/// One rollout batch to sample.
+pub struct RolloutBatch<'a> {
+    pub model: &'a MMDiT,
+    pub sched: &'a Schedule,
+    pub noise: &'a Tensor,
+    pub cond: &'a Conditioning,
+    pub uncond: &'a Conditioning,
+    pub guidance: f64,
+}
+
+pub trait Objective: Sync {
+    /// The algorithm's name in messages.
+    fn name(&self) -> &'static str;
+    /// What to change when its loss is not finite.
+    fn nan_hint(&self) -> &'static str;
+    /// The weights the rollouts are sampled with (`policy` or `ema_ref`), for the metrics.
+    fn rollout_weights(&self) -> &'static str;
+    /// Sample one rollout batch; returns the final samples `x0`. Further noise comes from `rng`.
+    fn rollout(&mut self, b: &RolloutBatch, rng: &mut StdRng) -> Result<Tensor>;
+    /// Called once after the epoch's last rollout batch.
+    fn end_rollouts(&mut self) -> Result<()> {
+        Ok(())
+    }
+    /// The rollout step indices trained this epoch.
+    fn train_steps(&self, rng: &mut StdRng, sched: &Schedule) -> Vec<usize>;
+    /// One pass over a micro-batch at step index `j`: the shards' loss terms and gradients.
+    fn pass(&self, mb: &MicroBatch, j: usize, rng: &mut StdRng) -> Result<Vec<ShardPass>>;
+}
+
+/// The objective of `train.algorithm` for an epoch that starts after `opt_step` optimizer steps.
+pub fn for_epoch<'a>(
+    t: &'a TrainConfig,
+    s: &SampleConfig,
+    policies: Policies<'a>,
+    opt_step: u64,
+) -> Box<dyn Objective + 'a> {
+    match t.algorithm {
+        crate::config::Algorithm::Dgpo => Box::new(Dgpo::new(t, s.sampler, policies, opt_step)),
+        crate::config::Algorithm::FlowGrpo => Box::new(FlowGrpo {
+            t,
+            guidance: s.guidance_scale,
+            trajectories: vec![],
+            trajectory: None,
+        }),
+    }
+}
+
+/// DGPO: deterministic rollouts (under the EMA-reference once `train.switch_ema_ref` steps are
+/// done), and at each drawn step index the group-weighted flow-matching loss.
+pub struct Dgpo<'a> {
+    t: &'a TrainConfig,
+    sampler: Sampler,
+    params: DgpoParams,
+    policies: Policies<'a>,
+    rollout_policy: Policy,
+}
+
+impl<'a> Dgpo<'a> {
+    fn new(t: &'a TrainConfig, sampler: Sampler, policies: Policies<'a>, opt_step: u64) -> Self {
+        let rollout_policy = if opt_step as usize > t.switch_ema_ref {
+            Policy::EmaReference
+        } else {
+            Policy::Current
+        };
+        Self {
+            params: DgpoParams {
+                beta_dpo: t.beta_dpo,
+                beta_kl: t.beta_kl,
+                clip_range: t.clip_range,
+                use_ema_ref: t.use_ema_ref,
+            },
+            t,
+            sampler,
+            policies,
+            rollout_policy,
+        }
+    }
+}
+
+impl Objective for Dgpo<'_> {
+    fn name(&self) -> &'static str {
+        "DGPO"
+    }
+
+    fn nan_hint(&self) -> &'static str {
+        "lower train.learning_rate or train.beta_dpo"
+    }
+
+    fn rollout_weights(&self) -> &'static str {
+        match self.rollout_policy {
+            Policy::EmaReference => "ema_ref",
+            _ => "policy",
+        }
+    }
+
+    fn rollout(&mut self, b: &RolloutBatch, _rng: &mut StdRng) -> Result<Tensor> {
+        self.policies.no_grad(self.rollout_policy, |w| {
+            sample(
+                b.model,
+                self.sampler,
+                b.sched,
+                b.noise,
+                b.cond,
+                Some(b.uncond),
+                b.guidance,
+                w,
+            )
+        })
+    }
+
+    fn train_steps(&self, rng: &mut StdRng, _sched: &Schedule) -> Vec<usize> {
+        draw_timestep_indices(rng, self.t.trunc_steps, self.t.num_train_timesteps)
+    }
+
+    /// One noise per group, shared by its members: `x_t = (1 − σ)·x0 + σ·ε`, target `ε − x0`; the
+    /// frozen velocities over the whole micro-batch (sharded over the worker threads inside), then
+    /// the policy's forward, loss and backward — whole, or `train.backward_chunk` images at a time.
+    fn pass(&self, mb: &MicroBatch, j: usize, rng: &mut StdRng) -> Result<Vec<ShardPass>> {
+        let (n, g) = (mb.len(), mb.group);
+        let dev = mb.x0.device();
+        let (_, c, h, w) = mb.x0.dims4()?;
+        let sigma = mb.sched.train_sigma(j);
+        let group_noise = randn(rng, (n / g, c, h, w), dev)?;
+        let member_of: Vec<u32> = (0..n).map(|i| (i / g) as u32).collect();
+        let eps = group_noise.index_select(&Tensor::new(member_of.as_slice(), dev)?, 0)?;
+        let xt = ((&mb.x0 * (1.0 - sigma as f64))? + (&eps * sigma as f64)?)?;
+        let target = (&eps - &mb.x0)?;
+        let tj = mb.sched.timesteps[j];
+        let m = mb.model;
+        let t = self.t;
+        let uncond = (t.kl_cfg > 1.0).then(|| mb.empty.repeat(n)).transpose()?;
+        let v_ref = self.policies.no_grad(Policy::Reference, |w| {
+            velocity_sharded(m, &xt, tj, &mb.cond, uncond.as_ref(), t.kl_cfg, w)
+        })?;
+        let v_old = self.policies.no_grad(Policy::EmaReference, |w| {
+            velocity_sharded(m, &xt, tj, &mb.cond, None, 1.0, w)
+        })?;
+        let p = DgpoPass {
+            mb,
+            xt: &xt,
+            target: &target,
+            v_ref: &v_ref,
+            v_old: &v_old,
+            tj,
+            params: &self.params,
+        };
+        if t.gradient_checkpointing || (t.backward_chunk > 0 && t.backward_chunk < n) {
+            let chunk = match t.backward_chunk {
+                0 => n.div_ceil(mb.workers.max(1)),
+                c => c,
+            };
+            p.chunked(chunk, t.gradient_checkpointing)
+        } else {
+            p.whole()
+        }
+    }
+}
+
+/// The tensors of one DGPO pass over a micro-batch.
+struct DgpoPass<'a> {
+    mb: &'a MicroBatch<'a>,
+    xt: &'a Tensor,
+    target: &'a Tensor,
+    v_ref: &'a Tensor,
+    v_old: &'a Tensor,
+    tj: f32,
+    params: &'a DgpoParams,
+}
+
+impl DgpoPass<'_> {
+    /// The policy's velocities on rows `r` with graph, and the per-image terms the loss depends
+    /// on them through: `l_θ,i = ‖v_θ − (ε − x0)‖²` and `kl_i = ‖v_θ − v_ref‖²`.
+    fn policy_terms(&self, r: std::ops::Range<usize>) -> Result<(Tensor, Tensor, Tensor)> {
+        let (lo, len) = (r.start, r.len());
+        let cond = self.mb.cond.narrow(r)?;
+        let xt = self.xt.narrow(0, lo, len)?;
+        let tt = Tensor::full(self.tj, len, self.xt.device())?;
+        let v = self
+            .mb
+            .model
+            .forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+        let l_theta = per_sample_mse(&self.target.narrow(0, lo, len)?, &v)?;
+        let kl = per_sample_mse(&v, &self.v_ref.narrow(0, lo, len)?.detach())?;
+        Ok((v, l_theta, kl))
+    }
+
+    /// The loss over the whole micro-batch: one shard of whole groups per worker thread. The loss
+    /// is a mean over samples, so shard losses weighted by their share sum to it.
+    fn whole(&self) -> Result<Vec<ShardPass>> {
+        let (n, g) = (self.mb.len(), self.mb.group);
+        let ranges = crate::par::shards(n, self.mb.workers, g);
+        crate::par::map_shards(&ranges, |r| {
+            let (lo, len) = (r.start, r.len());
+            let (_, l_theta, kl) = self.policy_terms(r.clone())?;
+            let l_ref = per_sample_mse(
+                &self.target.narrow(0, lo, len)?,
+                &self.v_ref.narrow(0, lo, len)?,
+            )?;
+            let l_old = per_sample_mse(
+                &self.target.narrow(0, lo, len)?,
+                &self.v_old.narrow(0, lo, len)?,
+            )?;
+            let adv = &self.mb.adv[r];
+            let terms = dgpo_loss(&l_theta, &l_ref, &l_old, &kl, adv, g, self.params)?;
+            ShardPass::backprop(
+                self.mb.model,
+                &terms.loss,
+                [
+                    terms.policy_loss,
+                    terms.kl,
+                    terms.clip_frac,
+                    terms.mean_weight(),
+                ],
+                len as f64 / n as f64,
+                self.mb.passes,
+            )
+        })
+    }
+
+    /// The same gradient with bounded activation memory, `chunk` images differentiated at a time.
+    /// The loss couples a group's images only through their `l_θ,i` and `kl_i`, so its gradient is
+    /// `Σ_i ∂L/∂l_θ,i · ∇l_θ,i + ∂L/∂kl_i · ∇kl_i`: a forward without graph gives every `l_θ,i` and
+    /// `kl_i`; the loss differentiated with respect to those numbers gives the coefficients; then
+    /// each chunk is run with graph and `Σ coef · term` differentiated (chunks spread over the
+    /// worker threads). With `checkpoint`, each chunk's backward recomputes the transformer one
+    /// block at a time. The loss terms travel with the first chunk.
+    fn chunked(&self, chunk: usize, checkpoint: bool) -> Result<Vec<ShardPass>> {
+        let mb = self.mb;
+        let (n, m) = (mb.len(), mb.model);
+        let dev = self.xt.device().clone();
+        let v_pol = velocity_sharded(
+            m,
+            self.xt,
+            self.tj,
+            &mb.cond,
+            None,
+            1.0,
+            Weights::PolicyNoGrad,
+        )?;
+        let l_theta = candle_core::Var::from_tensor(&per_sample_mse(self.target, &v_pol)?)?;
+        let kl = candle_core::Var::from_tensor(&per_sample_mse(&v_pol, self.v_ref)?)?;
+        let l_ref = per_sample_mse(self.target, self.v_ref)?;
+        let l_old = per_sample_mse(self.target, self.v_old)?;
+        let terms = dgpo_loss(
+            l_theta.as_tensor(),
+            &l_ref,
+            &l_old,
+            kl.as_tensor(),
+            mb.adv,
+            mb.group,
+            self.params,
+        )?;
+        let reported = [
+            terms.policy_loss,
+            terms.kl,
+            terms.clip_frac,
+            terms.mean_weight(),
+        ];
+        let lv = terms.loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        if !lv.is_finite() {
+            return Ok(vec![ShardPass::new(reported, 1.0, lv, None)]);
+        }
+        let coef = terms.loss.backward()?;
+        let zeros = Tensor::zeros(n, DType::F32, &dev)?;
+        let c_theta = coef.get(l_theta.as_tensor()).unwrap_or(&zeros).clone();
+        let c_kl = coef.get(kl.as_tensor()).unwrap_or(&zeros).clone();
+        let chunks: Vec<std::ops::Range<usize>> = (0..n)
+            .step_by(chunk)
+            .map(|s| s..(s + chunk).min(n))
+            .collect();
+        let surrogate = |lo: usize, len: usize, lt: &Tensor, k: &Tensor| -> Result<Tensor> {
+            let s = ((lt * c_theta.narrow(0, lo, len)?)?.sum_all()?
+                + (k * c_kl.narrow(0, lo, len)?)?.sum_all()?)?;
+            Ok((s / mb.passes)?)
+        };
+        let mut out = vec![];
+        for wave in chunks.chunks(mb.workers.max(1)) {
+            out.extend(crate::par::map_shards(wave, |r| {
+                let (lo, len) = (r.start, r.len());
+                let grads = if checkpoint {
+                    // The gradient at the output, from the no-graph velocities computed above;
+                    // then the transformer's backward one recomputed block at a time.
+                    let v = candle_core::Var::from_tensor(&v_pol.narrow(0, lo, len)?)?;
+                    let lt = per_sample_mse(&self.target.narrow(0, lo, len)?, v.as_tensor())?;
+                    let k =
+                        per_sample_mse(v.as_tensor(), &self.v_ref.narrow(0, lo, len)?.detach())?;
+                    let mut g = surrogate(lo, len, &lt, &k)?.backward()?;
+                    let gv = g
+                        .remove(v.as_tensor())
+                        .context("the DGPO loss gave no gradient for the velocities")?;
+                    let cond = mb.cond.narrow(r.clone())?;
+                    let tt = Tensor::full(self.tj, len, &dev)?;
+                    let xt = self.xt.narrow(0, lo, len)?;
+                    m.checkpointed_backward(&xt, &tt, &cond.context, &cond.pooled, &gv)?
+                } else {
+                    let (_, lt, k) = self.policy_terms(r.clone())?;
+                    m.trainable_grads(&surrogate(lo, len, &lt, &k)?.backward()?)
+                };
+                let first = lo == 0;
+                let f = |x: f32| if first { x } else { 0.0 };
+                Ok(ShardPass::new(
+                    reported.map(f),
+                    if first { 1.0 } else { 0.0 },
+                    f(lv),
+                    Some(grads),
+                ))
+            })?);
+        }
+        Ok(out)
+    }
+}
+
+/// Flow-GRPO: on-policy SDE rollouts with their trajectories and log-probabilities kept, and at
+/// each trained step the PPO-clipped ratio of the stored transition.
+pub struct FlowGrpo<'a> {
+    t: &'a TrainConfig,
+    /// `sample.guidance_scale`, the rollouts' CFG (also the passes' with `train.grpo_train_cfg`).
+    guidance: f64,
+    trajectories: Vec<Trajectory>,
+    trajectory: Option<Trajectory>,
+}
+
+impl Objective for FlowGrpo<'_> {
+    fn name(&self) -> &'static str {
+        "Flow-GRPO"
+    }
+
+    fn nan_hint(&self) -> &'static str {
+        "lower train.learning_rate"
+    }
+
+    fn rollout_weights(&self) -> &'static str {
+        "policy"
+    }
+
+    fn rollout(&mut self, b: &RolloutBatch, rng: &mut StdRng) -> Result<Tensor> {
+        let (n, c, h, w) = b.noise.dims4()?;
+        let z = (0..b.sched.num_steps())
+            .map(|_| randn(rng, (n, c, h, w), b.noise.device()))
+            .collect::<Result<Vec<_>>>()?;
+        let tr = crate::train::flow_grpo::sde_rollout(
+            b.model,
+            b.sched,
+            b.noise,
+            &z,
+            b.cond,
+            Some(b.uncond),
+            b.guidance,
+            self.t.noise_level,
+            Weights::PolicyNoGrad,
+        )?;
+        let x0 = tr.latents[b.sched.num_steps()].clone();
+        self.trajectories.push(tr);
+        Ok(x0)
+    }
+
+    fn end_rollouts(&mut self) -> Result<()> {
+        self.trajectory = Some(Trajectory::cat(&std::mem::take(&mut self.trajectories))?);
+        Ok(())
+    }
+
+    fn train_steps(&self, rng: &mut StdRng, sched: &Schedule) -> Vec<usize> {
+        let mut all: Vec<usize> = (0..sched.num_steps()).collect();
+        all.shuffle(rng);
+        all.truncate(crate::train::flow_grpo::num_train_steps(
+            sched.num_steps(),
+            self.t.timestep_fraction,
+        ));
+        all.sort_unstable();
+        all
+    }
+
+    fn pass(&self, mb: &MicroBatch, j: usize, _rng: &mut StdRng) -> Result<Vec<ShardPass>> {
+        let traj = self
+            .trajectory
+            .as_ref()
+            .context("Flow-GRPO: a pass before the epoch's rollouts ended")?;
+        crate::train::flow_grpo::grpo_pass(mb, traj, j, self.t, self.guidance)
+    }
+}
