@@ -9,8 +9,8 @@ use crate::model::Weights;
 use crate::pipeline::Pipeline;
 use crate::prompt_file::PromptItem;
 use crate::reward::Rewards;
+use crate::reward::ShapesGeneval;
 use crate::sampling::{sample, schedule, seeded_randn};
-use crate::testbed::score_image;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use rand::SeedableRng;
@@ -165,27 +165,15 @@ pub fn evaluate_prompts(
             })
         })
         .collect();
+    let job_metas: Vec<Option<Metadata>> =
+        jobs.iter().map(|(p, _)| items[*p].meta.clone()).collect();
     let (outcomes, geneval) = if pipe.shapes_world() {
-        let outcomes = jobs
-            .iter()
-            .zip(&images)
-            .map(|((p, _), im)| match &items[*p].meta {
-                Some(m) => Ok(score_image(m, im)),
-                None => bail!(
-                    "evaluation prompt {:?} has no GenEval metadata: the shapes world scores .jsonl \
-                     prompt files",
-                    items[*p].prompt
-                ),
-            })
-            .collect::<Result<Vec<_>>>()?;
-        (outcomes, true)
+        (ShapesGeneval::outcomes(&images, &job_metas)?, true)
     } else {
         let Some(rewards) = rewards else {
             bail!("evaluating outside the shapes world needs the [[reward]] modules")
         };
         let prompts: Vec<String> = jobs.iter().map(|(p, _)| items[*p].prompt.clone()).collect();
-        let job_metas: Vec<Option<Metadata>> =
-            jobs.iter().map(|(p, _)| items[*p].meta.clone()).collect();
         let (total, named) = rewards
             .score(&images, &prompts, &job_metas)
             .context("scoring the evaluation images")?;
@@ -230,94 +218,3 @@ pub fn evaluate_prompts(
 
 /// The tag under which prompts without GenEval metadata are summarised.
 pub const UNTAGGED: &str = "prompts";
-
-/// `dgpo eval`: load the model, evaluate on `prompts.test`, print the table, optionally write JSON and a
-/// grid.
-pub fn run_cli(
-    cfg: &Config,
-    checkpoint: Option<&std::path::Path>,
-    json: Option<&std::path::Path>,
-    grid: Option<&std::path::Path>,
-    dev: &Device,
-) -> Result<()> {
-    let settings = EvalSettings::from_config(cfg)?;
-    let test = cfg
-        .prompts
-        .test
-        .as_ref()
-        .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
-    let items = crate::prompt_file::read_prompt_file(test)?;
-    let ema = crate::cli::source::WeightsChoice::Ema;
-    // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server).
-    let (sd3, shapes, rewards) = if crate::cli::source::targets_sd3(cfg, checkpoint)? {
-        let mut m = crate::cli::source::load_sd3_model(cfg, checkpoint, ema, dev)
-            .context("loading the model to evaluate")?;
-        let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
-        rewards.check()?;
-        let mut texts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
-        texts.push("");
-        m.pipe.prepare_prompts(&texts, settings.batch_size)?;
-        (Some(m), None, Some(rewards))
-    } else {
-        let m = crate::cli::source::load_model(cfg, checkpoint, ema, dev)
-            .context("loading the model to evaluate")?;
-        (None, Some(m), None)
-    };
-    let (pipe, dir): (&dyn Pipeline, &std::path::Path) = match (&sd3, &shapes) {
-        (Some(m), _) => (&m.pipe, &m.path),
-        (None, Some(m)) => (&m.pipe, &m.path),
-        (None, None) => unreachable!("one model is loaded"),
-    };
-    for (i, it) in items.iter().enumerate() {
-        pipe.check_prompt(&it.prompt)
-            .with_context(|| format!("test prompt {} of {}", i + 1, test.display()))?;
-    }
-    tracing::info!(
-        prompts = items.len(),
-        images_per_prompt = settings.images_per_prompt,
-        steps = settings.num_steps,
-        cfg = settings.guidance,
-        "evaluating {}",
-        dir.display()
-    );
-    let r = evaluate_prompts(
-        pipe,
-        &items,
-        &settings,
-        Weights::PolicyNoGrad,
-        true,
-        rewards.as_ref(),
-    )?;
-    if !r.geneval {
-        println!(
-            "(no GenEval verdicts: no reward module reports strict_accuracy; only rewards count)"
-        );
-    }
-    println!("{}", r.summary.table());
-    println!(
-        "{} images of {} prompts in {:.1} s",
-        r.images.len(),
-        items.len(),
-        r.wall_s
-    );
-    if let Some(j) = json {
-        let mut v = serde_json::to_value(&r.summary)?;
-        v["checkpoint"] = dir.display().to_string().into();
-        v["test_prompts"] = test.display().to_string().into();
-        v["images_per_prompt"] = settings.images_per_prompt.into();
-        v["num_steps"] = settings.num_steps.into();
-        v["guidance_scale"] = settings.guidance.into();
-        v["seed"] = settings.seed.into();
-        crate::io::write_atomic(j, serde_json::to_string_pretty(&v)?.as_bytes())?;
-    }
-    if let Some(g) = grid {
-        let img = crate::image::grid(&r.images, settings.images_per_prompt, 2);
-        img.to_png(g)?;
-        println!(
-            "grid ({} per row, one row per prompt) in {}",
-            settings.images_per_prompt,
-            g.display()
-        );
-    }
-    Ok(())
-}

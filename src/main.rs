@@ -79,7 +79,7 @@ enum Command {
         checkpoints: Vec<PathBuf>,
         /// Weights of a run checkpoint: the slow EMA (as evaluated) or the raw optimizer weights.
         #[arg(long, value_enum, default_value = "ema")]
-        weights: dgpo::cli::source::WeightsChoice,
+        weights: dgpo::train::run_dir::WeightsChoice,
         /// A prompt (repeatable).
         #[arg(long)]
         prompt: Vec<String>,
@@ -132,7 +132,7 @@ enum Command {
         dtype: dgpo::cli::export::ExportDtype,
         /// The slow-EMA weights (what evaluation uses, as the reference code saves) or the raw ones.
         #[arg(long, value_enum, default_value = "ema")]
-        weights: dgpo::cli::source::WeightsChoice,
+        weights: dgpo::train::run_dir::WeightsChoice,
         /// Shard the diffusers transformer above this size (e.g. 10GB, 500MB).
         #[arg(long, default_value = "10GB", value_parser = parse_size)]
         max_shard_size: usize,
@@ -347,7 +347,7 @@ fn run(cli: Cli) -> Result<()> {
             grid,
         } => {
             let config = Config::load(&cfg.config, &cfg.set)?;
-            dgpo::eval::run_cli(
+            dgpo::cli::eval::run_cli(
                 &config,
                 checkpoint.as_deref(),
                 json.as_deref(),

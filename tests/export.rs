@@ -7,10 +7,11 @@ mod common;
 use candle_core::{DType, Device, Tensor};
 use common::tiny::{setup, tmp};
 use dgpo::cli::export::{export, ExportArgs, ExportDtype, ExportFormat};
-use dgpo::cli::source::{load_model, WeightsChoice};
+use dgpo::cli::source::load_model;
 use dgpo::config::Config;
 use dgpo::model::Weights;
 use dgpo::pipeline::shapes::ShapesPipeline;
+use dgpo::train::run_dir::WeightsChoice;
 use std::path::{Path, PathBuf};
 
 /// A tiny LoRA run of 2 epochs. A random model earns no reward, so its adapter would stay at zero:

@@ -195,7 +195,7 @@ fn sd3_pipeline_trains_on_plain_prompt_files_without_geneval_scores() {
 
 /// The transformer's velocity on fixed inputs (latents, timesteps, the pipeline's own embeddings).
 fn probe(p: &mut dgpo::pipeline::sd3::Sd3Pipeline) -> candle_core::Tensor {
-    use dgpo::pipeline::Generator;
+    use dgpo::pipeline::Pipeline;
     let dev = Device::Cpu;
     let (c, h, w) = p.latent_shape();
     let x = candle_core::Tensor::arange(0f32, (2 * c * h * w) as f32, &dev)
@@ -209,7 +209,7 @@ fn probe(p: &mut dgpo::pipeline::sd3::Sd3Pipeline) -> candle_core::Tensor {
     let t = candle_core::Tensor::new(&[900f32, 250.], &dev).unwrap();
     let prompts = ["a red circle", "a blue square"];
     p.prepare_prompts(&prompts, 2).unwrap();
-    let cond = Generator::encode(p, &prompts).unwrap();
+    let cond = Pipeline::encode(p, &prompts).unwrap();
     p.transformer
         .forward(
             &x,
@@ -224,7 +224,8 @@ fn probe(p: &mut dgpo::pipeline::sd3::Sd3Pipeline) -> candle_core::Tensor {
 #[test]
 fn sd3_runs_sample_evaluate_and_export() {
     use dgpo::cli::export::{export, ExportArgs, ExportDtype, ExportFormat};
-    use dgpo::cli::source::{load_sd3_model, WeightsChoice};
+    use dgpo::cli::source::load_sd3_model;
+    use dgpo::train::run_dir::WeightsChoice;
     let dir = tmp("sd3-export");
     std::fs::write(dir.join("train.txt"), "a red circle\na blue square\n").unwrap();
     let prompts = format!(
@@ -290,7 +291,7 @@ fn sd3_runs_sample_evaluate_and_export() {
     assert!(summaries.iter().all(|s| s.reward_mean.is_some()));
     assert!(dir.join("samples/grid.png").exists());
     let j = dir.join("eval.json");
-    dgpo::eval::run_cli(&cfg, Some(&run), Some(&j), None, &dev).unwrap();
+    dgpo::cli::eval::run_cli(&cfg, Some(&run), Some(&j), None, &dev).unwrap();
     let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&j).unwrap()).unwrap();
     assert!(v["reward_mean"].as_f64().is_some(), "{v}");
     std::fs::remove_dir_all(&dir).unwrap();

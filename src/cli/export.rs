@@ -14,9 +14,10 @@
 //! Every file's safetensors header records the base model, the run's config, the epoch, optimizer
 //! step and which weights (EMA or raw). Everything is written to a temporary name and renamed.
 
-use crate::cli::source::{read_run_checkpoint, run_checkpoint_dir, WeightsChoice};
+use crate::cli::source::read_run_checkpoint;
 use crate::io::save_safetensors;
 use crate::model::weights::diffusers_to_sai;
+use crate::train::run_dir::{checkpoint_of, WeightsChoice};
 use anyhow::{bail, Context, Result};
 use candle_core::{DType, Device, Tensor};
 use std::collections::HashMap;
@@ -133,7 +134,7 @@ fn file_size(p: &Path) -> u64 {
 
 /// Export a run checkpoint.
 pub fn export(args: &ExportArgs, dev: &Device) -> Result<ExportReport> {
-    let dir = run_checkpoint_dir(&args.checkpoint)?.with_context(|| {
+    let dir = checkpoint_of(&args.checkpoint)?.with_context(|| {
         format!(
             "--checkpoint {}: expected a dgpo train run folder or one of its checkpoints/epoch-N \
              (state.json + train_state.safetensors)",

@@ -12,7 +12,7 @@
 //! * `noise.safetensors` — the initial noise used (`noise`, `[n_images, C, H, W]`, prompt-major), so
 //!   another implementation or a later run can start from exactly the same noise (`--noise`).
 
-use crate::cli::source::{load_model, Loaded, LoadedModel, WeightsChoice};
+use crate::cli::source::{load_pipeline, Loaded};
 use crate::config::{Config, Sampler};
 use crate::eval::eval_noise;
 use crate::geneval::{summarize, Metadata};
@@ -24,6 +24,7 @@ use crate::prompt_file::{read_prompt_file, PromptItem};
 use crate::reward::Rewards;
 use crate::sampling::{sample, schedule};
 use crate::testbed::score_image;
+use crate::train::run_dir::WeightsChoice;
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
 use std::collections::HashMap;
@@ -134,31 +135,15 @@ fn html_escape(s: &str) -> String {
 
 /// A model to sample from: a shapes pipeline or an SD3 / SD3.5 diffusers pipeline, with whatever
 /// checkpoint was applied.
-enum Model {
-    Shapes(Box<LoadedModel>),
-    Sd3(Box<Loaded<crate::pipeline::sd3::Sd3Pipeline>>),
-}
+type Model = Loaded<Box<dyn Pipeline>>;
 
 impl Model {
     fn label(&self) -> String {
-        match self {
-            Model::Shapes(m) => label(m),
-            Model::Sd3(m) => label(m),
-        }
-    }
-
-    fn path(&self) -> &Path {
-        match self {
-            Model::Shapes(m) => &m.path,
-            Model::Sd3(m) => &m.path,
-        }
+        label(self)
     }
 
     fn generator(&self) -> &dyn Pipeline {
-        match self {
-            Model::Shapes(m) => &m.pipe,
-            Model::Sd3(m) => &m.pipe,
-        }
+        self.pipe.as_ref()
     }
 
     /// Sample `prompts` × `images_per_prompt` from `noise` (prompt-major).
@@ -310,16 +295,9 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     };
     let mut models = Vec::with_capacity(sources.len());
     for s in &sources {
-        let m = match s {
-            _ if crate::cli::source::targets_sd3(cfg, *s)? => {
-                let mut m = crate::cli::source::load_sd3_model(cfg, *s, a.weights, dev)?;
-                let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
-                texts.push("");
-                m.pipe.prepare_prompts(&texts, a.batch_size)?;
-                Model::Sd3(Box::new(m))
-            }
-            _ => Model::Shapes(Box::new(load_model(cfg, *s, a.weights, dev)?)),
-        };
+        let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
+        texts.push("");
+        let m = load_pipeline(cfg, *s, a.weights, &texts, a.batch_size, dev)?;
         for (i, p) in prompts.iter().enumerate() {
             m.generator()
                 .check_prompt(&p.prompt)
@@ -427,7 +405,7 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
         for j in 0..n {
             let mut line = serde_json::json!({
                 "model": k,
-                "checkpoint": m.path().display().to_string(),
+                "checkpoint": m.path.display().to_string(),
                 "prompt_index": j / a.images_per_prompt,
                 "image_index": j % a.images_per_prompt,
                 "prompt": texts[j],

@@ -10,37 +10,11 @@ use crate::model::{LoraSpec, MMDiT, Trainable};
 use crate::pipeline::sd3::Sd3Pipeline;
 use crate::pipeline::shapes::{is_shapes_pipeline, ShapesPipeline};
 use crate::pipeline::Pipeline;
+use crate::train::run_dir::{checkpoint_of, read_trained, CheckpointState, WeightsChoice};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor};
-use serde::{Deserialize, Serialize};
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-
-/// Which copy of a run's trained weights: the slow EMA (what evaluation uses and the reference code
-/// saves) or the raw optimizer weights.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, clap::ValueEnum)]
-#[serde(rename_all = "snake_case")]
-pub enum WeightsChoice {
-    Ema,
-    Raw,
-}
-
-impl WeightsChoice {
-    pub fn name(self) -> &'static str {
-        match self {
-            WeightsChoice::Ema => "ema",
-            WeightsChoice::Raw => "raw",
-        }
-    }
-}
-
-/// The fields of a run checkpoint's `state.json` that loading needs.
-#[derive(Debug, Clone, Deserialize)]
-struct CheckpointState {
-    epoch: usize,
-    opt_step: u64,
-    config: String,
-}
 
 /// A training run's checkpoint, read.
 #[derive(Debug)]
@@ -161,42 +135,6 @@ pub fn set_trainable(transformer: &MMDiT, tensors: &HashMap<String, Tensor>) -> 
     Ok(())
 }
 
-/// The checkpoint folder a path names: `checkpoints/epoch-N` itself, or a run folder (its last
-/// checkpoint). `None` when the path is neither.
-pub fn run_checkpoint_dir(path: &Path) -> Result<Option<PathBuf>> {
-    let is_ckpt =
-        |p: &Path| p.join("state.json").is_file() && p.join("train_state.safetensors").is_file();
-    if is_ckpt(path) {
-        return Ok(Some(path.to_path_buf()));
-    }
-    let ck = path.join("checkpoints");
-    if !ck.is_dir() {
-        return Ok(None);
-    }
-    let mut found: Vec<(usize, PathBuf)> = std::fs::read_dir(&ck)
-        .with_context(|| format!("listing {}", ck.display()))?
-        .filter_map(|e| e.ok())
-        .filter_map(|e| {
-            let n = e
-                .file_name()
-                .to_string_lossy()
-                .strip_prefix("epoch-")?
-                .parse()
-                .ok()?;
-            is_ckpt(&e.path()).then(|| (n, e.path()))
-        })
-        .collect();
-    found.sort();
-    match found.pop() {
-        Some((_, p)) => Ok(Some(p)),
-        None => bail!(
-            "{} is a run folder without a complete checkpoint (no checkpoints/epoch-N with state.json \
-             and train_state.safetensors)",
-            path.display()
-        ),
-    }
-}
-
 /// Whether `--checkpoint` (or, without one, the config's base) is an SD3 / SD3.5 model rather than
 /// a shapes-testbed one, decided without loading weights or contacting the hub: a pipeline folder
 /// says what it is, a run folder by its saved config, anything else by `model.pretrained` (a hub
@@ -213,18 +151,8 @@ pub fn targets_sd3(cfg: &Config, checkpoint: Option<&Path>) -> Result<bool> {
         if crate::pipeline::sd3::is_sd3_pipeline(p) {
             return Ok(true);
         }
-        if let Some(dir) = run_checkpoint_dir(p)? {
-            let sp = dir.join("state.json");
-            let text = std::fs::read_to_string(&sp)
-                .with_context(|| format!("reading {}", sp.display()))?;
-            let st: CheckpointState = serde_json::from_str(&text).with_context(|| {
-                format!("{} is not a dgpo train checkpoint state", sp.display())
-            })?;
-            let run_cfg = Config::from_toml(
-                &st.config,
-                &format!("the config saved in {}", sp.display()),
-                &[],
-            )?;
+        if let Some(dir) = checkpoint_of(p)? {
+            let run_cfg = CheckpointState::read(&dir)?.config(&dir)?;
             return Ok(base_is_sd3(&run_cfg.model.pretrained));
         }
     }
@@ -237,38 +165,14 @@ pub fn read_run_checkpoint(
     weights: WeightsChoice,
     dev: &Device,
 ) -> Result<RunCheckpoint> {
-    let sp = dir.join("state.json");
-    let text = std::fs::read_to_string(&sp).with_context(|| format!("reading {}", sp.display()))?;
-    let st: CheckpointState = serde_json::from_str(&text)
-        .with_context(|| format!("{} is not a dgpo train checkpoint state", sp.display()))?;
-    let config = Config::from_toml(
-        &st.config,
-        &format!("the config saved in {}", sp.display()),
-        &[],
-    )?;
-    let file = dir.join("train_state.safetensors");
-    let all = read_safetensors(std::slice::from_ref(&file), dev)?;
-    let prefix = match weights {
-        WeightsChoice::Ema => "ema.",
-        WeightsChoice::Raw => "raw.",
-    };
-    let tensors: HashMap<String, Tensor> = all
-        .into_iter()
-        .filter_map(|(k, v)| k.strip_prefix(prefix).map(|n| (n.to_string(), v)))
-        .collect();
-    if tensors.is_empty() {
-        bail!(
-            "{}: no `{prefix}*` tensors (a dgpo train checkpoint holds raw.*, ema.* and ema_ref.*)",
-            file.display()
-        );
-    }
+    let st = CheckpointState::read(dir)?;
     Ok(RunCheckpoint {
         dir: dir.to_path_buf(),
         epoch: st.epoch,
         opt_step: st.opt_step,
-        config,
+        config: st.config(dir)?,
         weights,
-        tensors,
+        tensors: read_trained(dir, weights, dev)?,
     })
 }
 
@@ -298,6 +202,37 @@ pub struct Loaded<P> {
 
 /// A shapes-testbed model ready to sample.
 pub type LoadedModel = Loaded<ShapesPipeline>;
+
+impl<P: Pipeline + 'static> Loaded<P> {
+    /// The same model behind the [`Pipeline`] trait.
+    pub fn boxed(self) -> Loaded<Box<dyn Pipeline>> {
+        Loaded {
+            pipe: Box::new(self.pipe),
+            kind: self.kind,
+            path: self.path,
+            base: self.base,
+        }
+    }
+}
+
+/// The model a `--checkpoint` value names, an SD3 / SD3.5 or a shapes pipeline as [`targets_sd3`]
+/// decides, with `prompts` encoded ahead of use where the pipeline caches embeddings.
+pub fn load_pipeline(
+    cfg: &Config,
+    checkpoint: Option<&Path>,
+    weights: WeightsChoice,
+    prompts: &[&str],
+    batch_size: usize,
+    dev: &Device,
+) -> Result<Loaded<Box<dyn Pipeline>>> {
+    let mut m = if targets_sd3(cfg, checkpoint)? {
+        load_sd3_model(cfg, checkpoint, weights, dev)?.boxed()
+    } else {
+        load_model(cfg, checkpoint, weights, dev)?.boxed()
+    };
+    m.pipe.prepare_prompts(prompts, batch_size)?;
+    Ok(m)
+}
 
 fn safetensors_keys(file: &Path) -> Result<Vec<String>> {
     let bytes = std::fs::read(file).with_context(|| format!("reading {}", file.display()))?;
@@ -359,7 +294,7 @@ fn load_any<P: Pipeline>(
     if !path.exists() {
         bail!("--checkpoint {}: no such file or folder", path.display());
     }
-    if let Some(dir) = run_checkpoint_dir(path)? {
+    if let Some(dir) = checkpoint_of(path)? {
         let ck = read_run_checkpoint(&dir, weights, dev)?;
         let pipe = ck.load_pipeline::<P>(dev)?;
         return Ok(Loaded {

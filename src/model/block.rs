@@ -3,9 +3,8 @@
 //! from a [`WeightStore`] by diffusers name and decides what is trainable.
 
 use super::config::TransformerConfig;
-use super::linear::{Linear, Param, Weights};
+use super::linear::{Linear, Param, Trainable, Weights};
 use super::lora::LoraAdapter;
-use super::mmdit::Trainable;
 use super::nn::{attention, gelu, layer_norm_no_affine, modulate, rms_norm};
 use super::weights::WeightStore;
 use anyhow::Result;

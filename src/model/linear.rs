@@ -5,9 +5,20 @@
 //! a LoRA adapter; switching the adapter off *is* the reference model, so LoRA runs keep one copy of the
 //! base weights.
 
-use super::lora::LoraAdapter;
+use super::lora::{LoraAdapter, LoraSpec};
 use super::nn::frozen_matmul;
 use candle_core::{DType, Result, Tensor, Var};
+
+/// What becomes trainable when the model is built.
+#[derive(Debug, Clone)]
+pub enum Trainable {
+    /// Nothing (inference).
+    None,
+    /// LoRA adapters on the matching linear layers, base frozen; adapter off = reference.
+    Lora { spec: LoraSpec, seed: u64 },
+    /// Every tensor is trained; a frozen copy of each is kept as the reference.
+    Full,
+}
 
 /// Which weights a forward pass uses.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

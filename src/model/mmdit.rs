@@ -4,23 +4,11 @@
 
 use super::block::{Builder, JointBlock, NORM_EPS};
 use super::config::TransformerConfig;
-use super::linear::{Linear, Param, Weights};
-use super::lora::LoraSpec;
+use super::linear::{Linear, Param, Trainable, Weights};
 use super::nn::{layer_norm_no_affine, modulate};
 use super::weights::WeightStore;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor, Var, D};
-
-/// What becomes trainable when the model is built.
-#[derive(Debug, Clone)]
-pub enum Trainable {
-    /// Nothing (inference).
-    None,
-    /// LoRA adapters on the matching linear layers, base frozen; adapter off = reference.
-    Lora { spec: LoraSpec, seed: u64 },
-    /// Every tensor is trained; a frozen copy of each is kept as the reference.
-    Full,
-}
 
 /// Gradients of trainable vars, by the var's tensor id ([`MMDiT::checkpointed_backward`]).
 pub type VarGrads = std::collections::HashMap<candle_core::TensorId, Tensor>;

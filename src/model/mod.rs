@@ -12,9 +12,9 @@ pub mod nn;
 pub mod weights;
 
 pub use config::TransformerConfig;
-pub use linear::{Linear, Param, Weights};
+pub use linear::{Linear, Param, Trainable, Weights};
 pub use lora::{LoraInit, LoraSpec};
-pub use mmdit::{MMDiT, Trainable, VarGrads};
+pub use mmdit::{MMDiT, VarGrads};
 pub use weights::{WeightSource, WeightStore};
 
 use anyhow::Result;

@@ -15,7 +15,7 @@ use crate::clip::{l2_normalize, load_tokenizer, tokenize, Clip, ClipProcessor};
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
 use crate::image::Image;
-use crate::reward::{Reward, RewardOutput};
+use crate::reward::module::{Reward, RewardOutput};
 use anyhow::{bail, ensure, Context, Result};
 use candle_core::{Device, Module, Tensor};
 use std::path::Path;

@@ -2,7 +2,7 @@
 
 use crate::geneval::Metadata;
 use crate::image::Image;
-use crate::reward::{Reward, RewardOutput};
+use crate::reward::module::{Reward, RewardOutput};
 use anyhow::Result;
 
 /// Size in kB (1000 bytes) of an image encoded as baseline JPEG at quality 95, 4:2:0, standard Huffman

@@ -4,11 +4,13 @@
 
 pub mod clip;
 pub mod jpeg;
+pub mod module;
 pub mod remote;
 pub mod serve;
 pub mod shapes_geneval;
 
 pub use jpeg::{jpeg_bytes, jpeg_size_kb, JpegSize};
+pub use module::{Reward, RewardOutput};
 pub use shapes_geneval::ShapesGeneval;
 
 use crate::config::RewardConfig;
@@ -17,29 +19,6 @@ use crate::image::Image;
 use anyhow::{bail, Context, Result};
 use candle_core::Device;
 use std::collections::BTreeMap;
-
-/// Scores of one batch.
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct RewardOutput {
-    pub scores: Vec<f32>,
-    /// Named per-image sub-metrics (e.g. `strict_accuracy`).
-    pub sub: BTreeMap<String, Vec<f32>>,
-}
-
-pub trait Reward: Send + Sync {
-    fn name(&self) -> &str;
-    /// Called once before any long work (e.g. a server's health check): an error stops the run
-    /// before its first rollout.
-    fn check(&self) -> Result<()> {
-        Ok(())
-    }
-    fn score(
-        &self,
-        images: &[Image],
-        prompts: &[String],
-        metadata: &[Option<Metadata>],
-    ) -> Result<RewardOutput>;
-}
 
 /// One `[[reward]] kind`: its name, a check of its table that loads nothing (for validation and
 /// `--dry-run`), and how the module is built.

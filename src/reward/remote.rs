@@ -19,7 +19,7 @@
 use crate::config::RewardConfig;
 use crate::geneval::Metadata;
 use crate::image::Image;
-use crate::reward::{Reward, RewardOutput};
+use crate::reward::module::{Reward, RewardOutput};
 use anyhow::{bail, Context, Result};
 use base64::Engine;
 use serde_pickle::{HashableValue, Value as Pickle};
@@ -178,7 +178,7 @@ impl RemoteReward {
     pub fn pickle_request(images: &[Image], metadata: &[Option<Metadata>]) -> Result<Vec<u8>> {
         let jpegs = images
             .iter()
-            .map(|im| Ok(Pickle::Bytes(crate::reward::jpeg_bytes(im, 75)?)))
+            .map(|im| Ok(Pickle::Bytes(crate::reward::jpeg::jpeg_bytes(im, 75)?)))
             .collect::<Result<Vec<_>>>()?;
         let metas = metadata
             .iter()

@@ -8,7 +8,7 @@
 //!    background (off-palette pixels included). Compared with a plain nearest-colour rule this keeps
 //!    the soft edges of blurred or generated shapes from being read as a third colour (the mix of
 //!    yellow and the background is not "orange"), and puts the object boundary at the 50 % level.
-//! 2. **Components.** 8-connected components of equal labels (shapes are kept [`super::GAP`]
+//! 2. **Components.** 8-connected components of equal labels (shapes are kept [`GAP`](crate::testbed::GAP)
 //!    background pixels apart, so they never touch, even blurred); components under
 //!    [`MIN_PIXELS`] pixels (specks of noise) are dropped. The box of a detection is the box of the
 //!    component's labelled pixels.
@@ -21,7 +21,7 @@
 //!    A symmetric blur leaves the third moments and the four-fold numerator unchanged and only
 //!    adds its variance to the denominators, so both features keep their sign and most of their
 //!    size. The nearest prototype wins; the decision boundaries lie near four-fold ±0.25 and
-//!    skewness −0.25, and at every size in [`super::SHAPE_SIZES`], clean or 3×3-blurred, every class
+//!    skewness −0.25, and at every size in [`SHAPE_SIZES`](crate::testbed::SHAPE_SIZES), clean or 3×3-blurred, every class
 //!    stays ≥ 0.1 away from them (Gaussian noise of σ = 8 after the blur spreads the four-fold
 //!    moment by about ±0.1). Components that
 //!    are not roughly round or square in outline (box aspect or moment elongation beyond
@@ -31,8 +31,9 @@
 //!    times a size factor (blobs under 36 pixels are less certain), so that GenEval's "most
 //!    confident first" ordering prefers clean, full-sized shapes. **Colour**: the label.
 
-use super::{Image, BACKGROUND, COLORS};
 use crate::geneval::{score, Detection, Metadata, Outcome};
+use crate::image::Image;
+use crate::testbed::world::{BACKGROUND, COLORS};
 
 /// Minimum position along the background→colour line for a pixel to belong to a shape.
 pub const MIN_ALPHA: f32 = 0.5;

@@ -13,8 +13,8 @@
 //! classes and the two colours of a color_attr prompt differ; counting uses two, three and four.
 //! With 4 classes and 7 colours the space holds 4 + 12 + 12 + 28 + 48 + 504 = 608 prompts.
 
-use super::{CLASSES, COLORS};
 use crate::geneval::{write_metadata, Exclude, Include, Metadata, RELATIONS, TAGS};
+use crate::testbed::world::{plural, CLASSES, COLORS};
 use anyhow::Result;
 use rand::Rng;
 use std::path::Path;
@@ -68,7 +68,7 @@ pub fn counting(class: &str, number: u32) -> Metadata {
         .iter()
         .find(|(n, _)| *n == number)
         .map_or_else(|| number.to_string(), |(_, w)| w.to_string());
-    let plural = super::plural(class).map_or_else(|| format!("{class}s"), str::to_string);
+    let plural = plural(class).map_or_else(|| format!("{class}s"), str::to_string);
     Metadata {
         tag: "counting".into(),
         include: vec![inc(class, number)],

@@ -1,7 +1,9 @@
 //! Random scenes that satisfy a prompt strictly.
 
-use super::{color_rgb, Scene, Shape, CLASSES, COLORS, GAP, MARGIN, MAX_SHAPES, SHAPE_SIZES, SIZE};
 use crate::geneval::{Metadata, POSITION_THRESHOLD};
+use crate::testbed::world::{
+    color_rgb, Scene, Shape, CLASSES, COLORS, GAP, MARGIN, MAX_SHAPES, SHAPE_SIZES, SIZE,
+};
 use anyhow::{bail, Result};
 use rand::Rng;
 

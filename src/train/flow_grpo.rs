@@ -11,10 +11,8 @@
 //! * loss of a step: `mean_i max(−A_i·ρ_i, −A_i·clip(ρ_i, 1 − c, 1 + c))` with
 //!   `ρ_i = exp(log p_θ − log p_old)`, plus `β·mean_i(mean_elements((μ_θ − μ_ref)²) / (2·s_t²))`.
 
-use crate::config::TrainConfig;
 use crate::model::{MMDiT, Weights};
 use crate::sampling::{guided_velocity_at, Conditioning, Schedule};
-use crate::train::update::{MicroBatch, ShardPass};
 use anyhow::{bail, Result};
 use candle_core::{DType, Tensor, D};
 
@@ -240,76 +238,6 @@ pub fn sde_rollout(
         })
     })?;
     Trajectory::cat(&parts)
-}
-
-/// One Flow-GRPO pass over a micro-batch at rollout step `j`: the policy's SDE-step
-/// log-probability of the stored transition `x_j → x_{j+1}` (CFG `guidance` as in the rollout when
-/// `train.grpo_train_cfg`), the reference's step mean for the KL term, the loss of [`grpo_loss`] and
-/// its gradient (scaled by the shard's share over the epoch's passes), one shard of whole groups per
-/// worker thread.
-pub fn grpo_pass(
-    mb: &MicroBatch,
-    traj: &Trajectory,
-    j: usize,
-    t: &TrainConfig,
-    guidance: f64,
-) -> Result<Vec<ShardPass>> {
-    let n = mb.len();
-    let sig = &mb.sched.sigmas;
-    let (sigma, sigma_next) = (f64::from(sig[j]), f64::from(sig[j + 1]));
-    let sigma_max = f64::from(sig[1.min(sig.len() - 1)]);
-    let tj = mb.sched.timesteps[j];
-    let xj = traj.latents[j].narrow(0, mb.lo, n)?;
-    let xn = traj.latents[j + 1].narrow(0, mb.lo, n)?;
-    let old = traj
-        .log_probs
-        .narrow(0, mb.lo, n)?
-        .narrow(1, j, 1)?
-        .squeeze(1)?;
-    let uncond = mb.empty.repeat(n)?;
-    let w = if t.grpo_train_cfg { guidance } else { 1.0 };
-    let ranges = crate::par::shards(n, mb.workers, mb.group);
-    crate::par::map_shards(&ranges, |r| {
-        let (lo, len) = (r.start, r.len());
-        let c = mb.cond.narrow(r.clone())?;
-        let u = uncond.narrow(r.clone())?;
-        let x = xj.narrow(0, lo, len)?;
-        let xp = xn.narrow(0, lo, len)?;
-        let step = |weights: Weights| -> Result<SdeStep> {
-            let v = guided_velocity_at(mb.model, &x, tj, &c, Some(&u), w, weights)?;
-            sde_step(
-                &x,
-                &v,
-                sigma,
-                sigma_next,
-                sigma_max,
-                t.noise_level,
-                Some(&xp),
-                None,
-            )
-        };
-        let st = step(Weights::Policy)?;
-        let mean_ref = if t.beta_kl > 0.0 {
-            Some(step(Weights::Reference)?.mean.detach())
-        } else {
-            None
-        };
-        let terms = grpo_loss(
-            &st.log_prob,
-            &old.narrow(0, lo, len)?,
-            &mb.adv[r],
-            t.clip_range,
-            mean_ref.as_ref().map(|m| (&st.mean, m, st.std_dev_t)),
-            t.beta_kl,
-        )?;
-        ShardPass::backprop(
-            mb.model,
-            &terms.loss,
-            [terms.policy_loss, terms.kl, terms.clip_frac, 0.0],
-            len as f64 / n as f64,
-            mb.passes,
-        )
-    })
 }
 
 #[cfg(test)]

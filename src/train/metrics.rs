@@ -5,7 +5,6 @@
 use crate::eval::EvalResult;
 use crate::reward::NamedScores;
 use crate::train::dgpo::Advantages;
-use crate::train::update::PassTotals;
 use anyhow::Result;
 use std::path::Path;
 
@@ -88,6 +87,16 @@ pub fn record_eval(
         r.wall_s
     );
     Ok(geneval)
+}
+
+/// An epoch's loss terms summed over its passes, weighted by shard share.
+#[derive(Default)]
+pub struct PassTotals {
+    pub policy: f64,
+    pub kl: f64,
+    pub clip: f64,
+    pub weight: f64,
+    pub loss: f64,
 }
 
 /// The measurements of one epoch.

@@ -16,6 +16,7 @@ pub mod pretrain;
 pub mod prompts;
 pub mod rollout;
 pub mod run_dir;
+pub mod seeds;
 pub mod session;
 pub mod update;
 
@@ -23,32 +24,19 @@ pub use prompts::{epoch_prompts, epoch_prompts_by_tag};
 
 use crate::config::{AdvantageMode, Config};
 use crate::train::metrics::{final_words, record_epoch, record_eval, At, EpochReport};
+use crate::train::objective::MicroBatch;
 use crate::train::optim::TrainState;
 use crate::train::policy::{Policies, Policy};
 use crate::train::rollout::{rollout_epoch, EpochPrompts};
 use crate::train::run_dir::RunDir;
+use crate::train::seeds::{epoch_rng, ROLLOUT_NOISE, UPDATE};
 use crate::train::session::Session;
-use crate::train::update::MicroBatch;
 use anyhow::Result;
 use candle_core::Device;
-use rand::SeedableRng;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
-
-/// The random stream `purpose` of an epoch.
-pub(crate) fn epoch_rng(seed: u64, epoch: usize, purpose: u64) -> rand::rngs::StdRng {
-    rand::rngs::StdRng::seed_from_u64(
-        seed.wrapping_mul(0x9E37_79B9_7F4A_7C15)
-            ^ ((epoch as u64) << 16).wrapping_add(purpose.wrapping_mul(0xD1B5_4A32_D192_ED03)),
-    )
-}
-
-/// The streams of an epoch besides its prompts': rollout noise, and the update's draws (step
-/// indices, then group noise).
-const ROLLOUT_NOISE: u64 = 2;
-const UPDATE: u64 = 3;
 
 /// Run (or resume) training into `out`.
 pub fn run(cfg: &Config, out: &Path, resume: bool, dev: &Device) -> Result<()> {

@@ -4,16 +4,97 @@
 //! in [`crate::train::dgpo`] and [`crate::train::flow_grpo`]; see docs/algorithm.md.
 
 use crate::config::{SampleConfig, Sampler, TrainConfig};
-use crate::model::{MMDiT, Weights};
-use crate::sampling::{sample, seeded_randn as randn, velocity_sharded, Conditioning, Schedule};
+use crate::model::{MMDiT, VarGrads, Weights};
+use crate::sampling::{
+    guided_velocity_at, sample, seeded_randn as randn, velocity_sharded, Conditioning, Schedule,
+};
 use crate::train::dgpo::{dgpo_loss, draw_timestep_indices, per_sample_mse, DgpoParams};
-use crate::train::flow_grpo::Trajectory;
+use crate::train::flow_grpo::{grpo_loss, sde_step, SdeStep, Trajectory};
 use crate::train::policy::{Policies, Policy};
-use crate::train::update::{MicroBatch, ShardPass};
 use anyhow::{Context, Result};
 use candle_core::{DType, Tensor};
 use rand::rngs::StdRng;
 use rand::seq::SliceRandom;
+
+/// One training micro-batch of an epoch, with what every pass over it needs.
+pub struct MicroBatch<'a> {
+    pub model: &'a MMDiT,
+    pub sched: &'a Schedule,
+    /// The rollouts' final samples.
+    pub x0: Tensor,
+    pub cond: Conditioning,
+    /// The empty prompt's conditioning (one row).
+    pub empty: &'a Conditioning,
+    pub adv: &'a [f32],
+    /// Offset of the micro-batch in the epoch's rollouts.
+    pub lo: usize,
+    pub group: usize,
+    pub workers: usize,
+    /// Passes of the epoch (micro-batches × step indices): each gradient is scaled by `1 / passes`.
+    pub passes: f64,
+}
+
+impl MicroBatch<'_> {
+    pub fn len(&self) -> usize {
+        self.adv.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.adv.is_empty()
+    }
+}
+
+/// What one worker's shard of a training pass reports: its loss terms, its share of the
+/// micro-batch, the loss value and the gradients (`None` when the loss is not finite).
+pub struct ShardPass {
+    pub policy_loss: f32,
+    pub kl: f32,
+    pub clip_frac: f32,
+    /// DGPO: the mean group weight `σ(s_g)` of the shard's groups (0 for Flow-GRPO).
+    pub weight: f32,
+    pub share: f64,
+    pub loss: f32,
+    /// The trainable weights' gradients only ([`MMDiT::trainable_grads`]).
+    pub grads: Option<VarGrads>,
+}
+
+impl ShardPass {
+    /// A shard from `[policy loss, KL, clip fraction, mean weight]`, its share, loss and gradients.
+    pub fn new(
+        [policy_loss, kl, clip_frac, weight]: [f32; 4],
+        share: f64,
+        loss: f32,
+        grads: Option<VarGrads>,
+    ) -> Self {
+        Self {
+            policy_loss,
+            kl,
+            clip_frac,
+            weight,
+            share,
+            loss,
+            grads,
+        }
+    }
+
+    /// A shard's pass from its loss and terms: the loss, when finite, is backpropagated with
+    /// weight `share / passes`.
+    pub fn backprop(
+        model: &MMDiT,
+        loss: &Tensor,
+        terms: [f32; 4],
+        share: f64,
+        passes: f64,
+    ) -> Result<Self> {
+        let lv = loss.to_dtype(DType::F32)?.to_scalar::<f32>()?;
+        let grads = if lv.is_finite() {
+            Some(model.trainable_grads(&(loss * (share / passes))?.backward()?))
+        } else {
+            None
+        };
+        Ok(Self::new(terms, share, lv, grads))
+    }
+}
 
 /// One rollout batch to sample.
 pub struct RolloutBatch<'a> {
@@ -392,6 +473,76 @@ impl Objective for FlowGrpo<'_> {
             .trajectory
             .as_ref()
             .context("Flow-GRPO: a pass before the epoch's rollouts ended")?;
-        crate::train::flow_grpo::grpo_pass(mb, traj, j, self.t, self.guidance)
+        grpo_pass(mb, traj, j, self.t, self.guidance)
     }
+}
+
+/// One Flow-GRPO pass over a micro-batch at rollout step `j`: the policy's SDE-step
+/// log-probability of the stored transition `x_j → x_{j+1}` (CFG `guidance` as in the rollout when
+/// `train.grpo_train_cfg`), the reference's step mean for the KL term, the loss of [`grpo_loss`] and
+/// its gradient (scaled by the shard's share over the epoch's passes), one shard of whole groups per
+/// worker thread.
+pub fn grpo_pass(
+    mb: &MicroBatch,
+    traj: &Trajectory,
+    j: usize,
+    t: &TrainConfig,
+    guidance: f64,
+) -> Result<Vec<ShardPass>> {
+    let n = mb.len();
+    let sig = &mb.sched.sigmas;
+    let (sigma, sigma_next) = (f64::from(sig[j]), f64::from(sig[j + 1]));
+    let sigma_max = f64::from(sig[1.min(sig.len() - 1)]);
+    let tj = mb.sched.timesteps[j];
+    let xj = traj.latents[j].narrow(0, mb.lo, n)?;
+    let xn = traj.latents[j + 1].narrow(0, mb.lo, n)?;
+    let old = traj
+        .log_probs
+        .narrow(0, mb.lo, n)?
+        .narrow(1, j, 1)?
+        .squeeze(1)?;
+    let uncond = mb.empty.repeat(n)?;
+    let w = if t.grpo_train_cfg { guidance } else { 1.0 };
+    let ranges = crate::par::shards(n, mb.workers, mb.group);
+    crate::par::map_shards(&ranges, |r| {
+        let (lo, len) = (r.start, r.len());
+        let c = mb.cond.narrow(r.clone())?;
+        let u = uncond.narrow(r.clone())?;
+        let x = xj.narrow(0, lo, len)?;
+        let xp = xn.narrow(0, lo, len)?;
+        let step = |weights: Weights| -> Result<SdeStep> {
+            let v = guided_velocity_at(mb.model, &x, tj, &c, Some(&u), w, weights)?;
+            sde_step(
+                &x,
+                &v,
+                sigma,
+                sigma_next,
+                sigma_max,
+                t.noise_level,
+                Some(&xp),
+                None,
+            )
+        };
+        let st = step(Weights::Policy)?;
+        let mean_ref = if t.beta_kl > 0.0 {
+            Some(step(Weights::Reference)?.mean.detach())
+        } else {
+            None
+        };
+        let terms = grpo_loss(
+            &st.log_prob,
+            &old.narrow(0, lo, len)?,
+            &mb.adv[r],
+            t.clip_range,
+            mean_ref.as_ref().map(|m| (&st.mean, m, st.std_dev_t)),
+            t.beta_kl,
+        )?;
+        ShardPass::backprop(
+            mb.model,
+            &terms.loss,
+            [terms.policy_loss, terms.kl, terms.clip_frac, 0.0],
+            len as f64 / n as f64,
+            mb.passes,
+        )
+    })
 }

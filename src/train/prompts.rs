@@ -4,7 +4,7 @@
 use crate::config::PromptSampling;
 use crate::geneval::Metadata;
 use crate::prompt_file::PromptItem;
-use crate::train::epoch_rng;
+use crate::train::seeds::{epoch_rng, PROMPTS};
 use rand::seq::SliceRandom;
 use rand::Rng;
 
@@ -75,9 +75,6 @@ pub fn epoch_prompts_by_tag(tags: &[&str], n_groups: usize, seed: u64, epoch: us
     }
     out
 }
-
-/// The random stream of an epoch that picks its prompts.
-const PROMPTS: u64 = 1;
 
 #[cfg(test)]
 mod tests {
