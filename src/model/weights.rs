@@ -64,15 +64,6 @@ impl WeightStore {
         }
     }
 
-    /// Like [`WeightStore::take`] but `None` (and nothing recorded) when absent.
-    pub fn take_optional(&mut self, name: &str, shape: &[usize]) -> Result<Option<Tensor>> {
-        if self.contains(name) {
-            self.take(name, shape).map(Some)
-        } else {
-            Ok(None)
-        }
-    }
-
     /// Fail with the complete list of problems, if any.
     pub fn finish(self) -> Result<()> {
         let unexpected: Vec<&String> = self

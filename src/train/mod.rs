@@ -51,21 +51,21 @@ pub fn run_until(
     dev: &Device,
     stop_after: Option<usize>,
 ) -> Result<()> {
-    let (s, t) = (&cfg.sample, &cfg.train);
+    let (sample, train) = (&cfg.sample, &cfg.train);
     let session = Session::open(cfg, dev)?;
     let run = RunDir::open(out, cfg, resume)?;
     let pipe = session.pipe.as_ref();
-    let mut state = TrainState::new(session.vars.clone(), t)?;
+    let mut state = TrainState::new(session.vars.clone(), train)?;
     let (start_epoch, wall0) = if resume {
         run.resume(&mut state, dev)?
     } else {
         (0, 0.0)
     };
     let stop = interrupt_flag();
-    let g = s.group_size;
-    let per_epoch = s.batch_size * s.num_batches_per_epoch;
+    let g = sample.group_size;
+    let per_epoch = sample.batch_size * sample.num_batches_per_epoch;
     let n_groups = per_epoch / g;
-    let sched = crate::sampling::schedule(s.sampler, s.num_steps, s.flow_shift);
+    let sched = crate::sampling::schedule(sample.sampler, sample.num_steps, sample.flow_shift);
     let empty = pipe.encode(&[""])?;
     let t0 = Instant::now();
     let wall = || wall0 + t0.elapsed().as_secs_f64();
@@ -78,7 +78,7 @@ pub fn run_until(
         groups = n_groups,
         group_size = g,
         "{} on {} ({} train / {} test prompts) into {}",
-        t.algorithm.name(),
+        train.algorithm.name(),
         session.base.display(),
         session.train_items.len(),
         session.test_items.len(),
@@ -122,13 +122,13 @@ pub fn run_until(
         );
         // 2. rollouts, each batch scored on a second thread while the next is sampled
         let policies = Policies::of(&state);
-        let mut objective = objective::for_epoch(t, s, policies, state.opt.step);
+        let mut objective = objective::for_epoch(train, sample, policies, state.opt.step);
         let epoch_prompts = EpochPrompts {
             prompts: &prompts,
             metas: &metas,
             empty: &empty,
-            batch_size: s.batch_size,
-            guidance: s.guidance_scale,
+            batch_size: sample.batch_size,
+            guidance: sample.guidance_scale,
         };
         let mut noise = epoch_rng(cfg.run.seed, epoch, ROLLOUT_NOISE);
         let label = format!("epoch {epoch} rollout");
@@ -157,11 +157,11 @@ pub fn run_until(
                 )));
             }
         };
-        let clip_max = t.adv_clip_max as f32;
-        let adv = match t.advantages {
-            AdvantageMode::Sum => dgpo::advantages(&scored.total, g, t.global_std, clip_max)?,
+        let clip_max = train.adv_clip_max as f32;
+        let adv = match train.advantages {
+            AdvantageMode::Sum => dgpo::advantages(&scored.total, g, train.global_std, clip_max)?,
             AdvantageMode::Decoupled => {
-                dgpo::decoupled_advantages(&scored.modules, g, t.global_std, clip_max)?
+                dgpo::decoupled_advantages(&scored.modules, g, train.global_std, clip_max)?
             }
         };
         let reward_s = rolled.reward_wait_s + t_rew.elapsed().as_secs_f64();
@@ -170,17 +170,17 @@ pub fn run_until(
         let mut draws = epoch_rng(cfg.run.seed, epoch, UPDATE);
         let steps = objective.train_steps(&mut draws, &sched);
         let workers = crate::par::workers_for(dev);
-        let passes = (per_epoch / t.batch_size * steps.len()) as f64;
+        let passes = (per_epoch / train.batch_size * steps.len()) as f64;
         let micro_batches = (0..per_epoch)
-            .step_by(t.batch_size)
+            .step_by(train.batch_size)
             .map(|lo| -> Result<MicroBatch> {
                 Ok(MicroBatch {
                     model: pipe.transformer(),
                     sched: &sched,
-                    x0: rolled.x0.narrow(0, lo, t.batch_size)?,
-                    cond: rolled.cond.narrow(lo..lo + t.batch_size)?,
+                    x0: rolled.x0.narrow(0, lo, train.batch_size)?,
+                    cond: rolled.cond.narrow(lo..lo + train.batch_size)?,
                     empty: &empty,
-                    adv: &adv.values[lo..lo + t.batch_size],
+                    adv: &adv.values[lo..lo + train.batch_size],
                     lo,
                     group: g,
                     workers,
@@ -199,7 +199,7 @@ pub fn run_until(
         let rollout_weights = objective.rollout_weights();
         drop((micro_batches, objective));
         // 5. one AdamW step per epoch, then the EMA-reference and the slow EMA
-        let grad_norm = state.step(acc, t)?;
+        let grad_norm = state.step(acc, train)?;
         // 6. metrics, time budget, checkpoint
         let report = EpochReport {
             reward: &scored.total,

@@ -3,7 +3,7 @@
 //! step indices are trained, and what one pass over a micro-batch differentiates. The equations are
 //! in [`crate::train::dgpo`] and [`crate::train::flow_grpo`]; see docs/algorithm.md.
 
-use crate::config::{SampleConfig, Sampler, TrainConfig};
+use crate::config::{Algorithm, SampleConfig, Sampler, TrainConfig};
 use crate::model::{MMDiT, VarGrads, Weights};
 use crate::sampling::{
     guided_velocity_at, sample, seeded_randn as randn, velocity_sharded, Conditioning, Schedule,
@@ -127,16 +127,16 @@ pub trait Objective: Sync {
 
 /// The objective of `train.algorithm` for an epoch that starts after `opt_step` optimizer steps.
 pub fn for_epoch<'a>(
-    t: &'a TrainConfig,
-    s: &SampleConfig,
+    train: &'a TrainConfig,
+    sample: &SampleConfig,
     policies: Policies<'a>,
     opt_step: u64,
 ) -> Box<dyn Objective + 'a> {
-    match t.algorithm {
-        crate::config::Algorithm::Dgpo => Box::new(Dgpo::new(t, s.sampler, policies, opt_step)),
-        crate::config::Algorithm::FlowGrpo => Box::new(FlowGrpo {
-            t,
-            guidance: s.guidance_scale,
+    match train.algorithm {
+        Algorithm::Dgpo => Box::new(Dgpo::new(train, sample.sampler, policies, opt_step)),
+        Algorithm::FlowGrpo => Box::new(FlowGrpo {
+            train,
+            guidance: sample.guidance_scale,
             trajectories: vec![],
             trajectory: None,
         }),
@@ -146,7 +146,7 @@ pub fn for_epoch<'a>(
 /// DGPO: deterministic rollouts (under the EMA-reference once `train.switch_ema_ref` steps are
 /// done), and at each drawn step index the group-weighted flow-matching loss.
 pub struct Dgpo<'a> {
-    t: &'a TrainConfig,
+    train: &'a TrainConfig,
     sampler: Sampler,
     params: DgpoParams,
     policies: Policies<'a>,
@@ -154,20 +154,25 @@ pub struct Dgpo<'a> {
 }
 
 impl<'a> Dgpo<'a> {
-    fn new(t: &'a TrainConfig, sampler: Sampler, policies: Policies<'a>, opt_step: u64) -> Self {
-        let rollout_policy = if opt_step as usize > t.switch_ema_ref {
+    fn new(
+        train: &'a TrainConfig,
+        sampler: Sampler,
+        policies: Policies<'a>,
+        opt_step: u64,
+    ) -> Self {
+        let rollout_policy = if opt_step as usize > train.switch_ema_ref {
             Policy::EmaReference
         } else {
             Policy::Current
         };
         Self {
             params: DgpoParams {
-                beta_dpo: t.beta_dpo,
-                beta_kl: t.beta_kl,
-                clip_range: t.clip_range,
-                use_ema_ref: t.use_ema_ref,
+                beta_dpo: train.beta_dpo,
+                beta_kl: train.beta_kl,
+                clip_range: train.clip_range,
+                use_ema_ref: train.use_ema_ref,
             },
-            t,
+            train,
             sampler,
             policies,
             rollout_policy,
@@ -207,7 +212,7 @@ impl Objective for Dgpo<'_> {
     }
 
     fn train_steps(&self, rng: &mut StdRng, _sched: &Schedule) -> Vec<usize> {
-        draw_timestep_indices(rng, self.t.trunc_steps, self.t.num_train_timesteps)
+        draw_timestep_indices(rng, self.train.trunc_steps, self.train.num_train_timesteps)
     }
 
     /// One noise per group, shared by its members: `x_t = (1 − σ)·x0 + σ·ε`, target `ε − x0`; the
@@ -223,15 +228,15 @@ impl Objective for Dgpo<'_> {
         let eps = group_noise.index_select(&Tensor::new(member_of.as_slice(), dev)?, 0)?;
         let xt = ((&mb.x0 * (1.0 - sigma as f64))? + (&eps * sigma as f64)?)?;
         let target = (&eps - &mb.x0)?;
-        let tj = mb.sched.timesteps[j];
+        let timestep = mb.sched.timesteps[j];
         let m = mb.model;
-        let t = self.t;
-        let uncond = (t.kl_cfg > 1.0).then(|| mb.empty.repeat(n)).transpose()?;
+        let train = self.train;
+        let uncond = (train.kl_cfg > 1.0).then(|| mb.empty.repeat(n)).transpose()?;
         let v_ref = self.policies.no_grad(Policy::Reference, |w| {
-            velocity_sharded(m, &xt, tj, &mb.cond, uncond.as_ref(), t.kl_cfg, w)
+            velocity_sharded(m, &xt, timestep, &mb.cond, uncond.as_ref(), train.kl_cfg, w)
         })?;
         let v_old = self.policies.no_grad(Policy::EmaReference, |w| {
-            velocity_sharded(m, &xt, tj, &mb.cond, None, 1.0, w)
+            velocity_sharded(m, &xt, timestep, &mb.cond, None, 1.0, w)
         })?;
         let p = DgpoPass {
             mb,
@@ -239,15 +244,15 @@ impl Objective for Dgpo<'_> {
             target: &target,
             v_ref: &v_ref,
             v_old: &v_old,
-            tj,
+            timestep,
             params: &self.params,
         };
-        if t.gradient_checkpointing || (t.backward_chunk > 0 && t.backward_chunk < n) {
-            let chunk = match t.backward_chunk {
+        if train.gradient_checkpointing || (train.backward_chunk > 0 && train.backward_chunk < n) {
+            let chunk = match train.backward_chunk {
                 0 => n.div_ceil(mb.workers.max(1)),
                 c => c,
             };
-            p.chunked(chunk, t.gradient_checkpointing)
+            p.chunked(chunk, train.gradient_checkpointing)
         } else {
             p.whole()
         }
@@ -261,7 +266,7 @@ struct DgpoPass<'a> {
     target: &'a Tensor,
     v_ref: &'a Tensor,
     v_old: &'a Tensor,
-    tj: f32,
+    timestep: f32,
     params: &'a DgpoParams,
 }
 
@@ -272,11 +277,11 @@ impl DgpoPass<'_> {
         let (lo, len) = (r.start, r.len());
         let cond = self.mb.cond.narrow(r)?;
         let xt = self.xt.narrow(0, lo, len)?;
-        let tt = Tensor::full(self.tj, len, self.xt.device())?;
+        let timesteps = Tensor::full(self.timestep, len, self.xt.device())?;
         let v = self
             .mb
             .model
-            .forward(&xt, &tt, &cond.context, &cond.pooled, Weights::Policy)?;
+            .forward(&xt, &timesteps, &cond.context, &cond.pooled, Weights::Policy)?;
         let l_theta = per_sample_mse(&self.target.narrow(0, lo, len)?, &v)?;
         let kl = per_sample_mse(&v, &self.v_ref.narrow(0, lo, len)?.detach())?;
         Ok((v, l_theta, kl))
@@ -329,7 +334,7 @@ impl DgpoPass<'_> {
         let v_pol = velocity_sharded(
             m,
             self.xt,
-            self.tj,
+            self.timestep,
             &mb.cond,
             None,
             1.0,
@@ -387,9 +392,9 @@ impl DgpoPass<'_> {
                         .remove(v.as_tensor())
                         .context("the DGPO loss gave no gradient for the velocities")?;
                     let cond = mb.cond.narrow(r.clone())?;
-                    let tt = Tensor::full(self.tj, len, &dev)?;
+                    let timesteps = Tensor::full(self.timestep, len, &dev)?;
                     let xt = self.xt.narrow(0, lo, len)?;
-                    m.checkpointed_backward(&xt, &tt, &cond.context, &cond.pooled, &gv)?
+                    m.checkpointed_backward(&xt, &timesteps, &cond.context, &cond.pooled, &gv)?
                 } else {
                     let (_, lt, k) = self.policy_terms(r.clone())?;
                     m.trainable_grads(&surrogate(lo, len, &lt, &k)?.backward()?)
@@ -411,7 +416,7 @@ impl DgpoPass<'_> {
 /// Flow-GRPO: on-policy SDE rollouts with their trajectories and log-probabilities kept, and at
 /// each trained step the PPO-clipped ratio of the stored transition.
 pub struct FlowGrpo<'a> {
-    t: &'a TrainConfig,
+    train: &'a TrainConfig,
     /// `sample.guidance_scale`, the rollouts' CFG (also the passes' with `train.grpo_train_cfg`).
     guidance: f64,
     trajectories: Vec<Trajectory>,
@@ -444,7 +449,7 @@ impl Objective for FlowGrpo<'_> {
             b.cond,
             Some(b.uncond),
             b.guidance,
-            self.t.noise_level,
+            self.train.noise_level,
             Weights::PolicyNoGrad,
         )?;
         let x0 = tr.latents[b.sched.num_steps()].clone();
@@ -462,7 +467,7 @@ impl Objective for FlowGrpo<'_> {
         all.shuffle(rng);
         all.truncate(crate::train::flow_grpo::num_train_steps(
             sched.num_steps(),
-            self.t.timestep_fraction,
+            self.train.timestep_fraction,
         ));
         all.sort_unstable();
         all
@@ -473,7 +478,7 @@ impl Objective for FlowGrpo<'_> {
             .trajectory
             .as_ref()
             .context("Flow-GRPO: a pass before the epoch's rollouts ended")?;
-        grpo_pass(mb, traj, j, self.t, self.guidance)
+        grpo_pass(mb, traj, j, self.train, self.guidance)
     }
 }
 
@@ -486,14 +491,14 @@ pub fn grpo_pass(
     mb: &MicroBatch,
     traj: &Trajectory,
     j: usize,
-    t: &TrainConfig,
+    train: &TrainConfig,
     guidance: f64,
 ) -> Result<Vec<ShardPass>> {
     let n = mb.len();
     let sig = &mb.sched.sigmas;
     let (sigma, sigma_next) = (f64::from(sig[j]), f64::from(sig[j + 1]));
     let sigma_max = f64::from(sig[1.min(sig.len() - 1)]);
-    let tj = mb.sched.timesteps[j];
+    let timestep = mb.sched.timesteps[j];
     let xj = traj.latents[j].narrow(0, mb.lo, n)?;
     let xn = traj.latents[j + 1].narrow(0, mb.lo, n)?;
     let old = traj
@@ -502,7 +507,7 @@ pub fn grpo_pass(
         .narrow(1, j, 1)?
         .squeeze(1)?;
     let uncond = mb.empty.repeat(n)?;
-    let w = if t.grpo_train_cfg { guidance } else { 1.0 };
+    let w = if train.grpo_train_cfg { guidance } else { 1.0 };
     let ranges = crate::par::shards(n, mb.workers, mb.group);
     crate::par::map_shards(&ranges, |r| {
         let (lo, len) = (r.start, r.len());
@@ -511,20 +516,20 @@ pub fn grpo_pass(
         let x = xj.narrow(0, lo, len)?;
         let xp = xn.narrow(0, lo, len)?;
         let step = |weights: Weights| -> Result<SdeStep> {
-            let v = guided_velocity_at(mb.model, &x, tj, &c, Some(&u), w, weights)?;
+            let v = guided_velocity_at(mb.model, &x, timestep, &c, Some(&u), w, weights)?;
             sde_step(
                 &x,
                 &v,
                 sigma,
                 sigma_next,
                 sigma_max,
-                t.noise_level,
+                train.noise_level,
                 Some(&xp),
                 None,
             )
         };
         let st = step(Weights::Policy)?;
-        let mean_ref = if t.beta_kl > 0.0 {
+        let mean_ref = if train.beta_kl > 0.0 {
             Some(step(Weights::Reference)?.mean.detach())
         } else {
             None
@@ -533,9 +538,9 @@ pub fn grpo_pass(
             &st.log_prob,
             &old.narrow(0, lo, len)?,
             &mb.adv[r],
-            t.clip_range,
+            train.clip_range,
             mean_ref.as_ref().map(|m| (&st.mean, m, st.std_dev_t)),
-            t.beta_kl,
+            train.beta_kl,
         )?;
         ShardPass::backprop(
             mb.model,
