@@ -25,26 +25,19 @@ pub fn run_cli(
         .as_ref()
         .context("prompts.test is not set: `dgpo eval` scores the config's test prompts")?;
     let items = crate::prompt_file::read_prompt_file(test)?;
-    // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server),
-    // checked before the model loads.
-    let rewards = if crate::cli::source::targets_sd3(cfg, checkpoint)? {
+    let mut m = crate::cli::source::load_pipeline(cfg, checkpoint, WeightsChoice::Ema, dev)
+        .context("loading the model to evaluate")?;
+    // SD3 / SD3.5: the images are scored by the [[reward]] modules (GenEval through its server).
+    let rewards = if m.pipe.shapes_world() {
+        None
+    } else {
         let rewards = Rewards::from_config_on(&cfg.reward, dev)?;
         rewards.check()?;
+        let mut texts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
+        texts.push("");
+        m.pipe.prepare_prompts(&texts, settings.batch_size)?;
         Some(rewards)
-    } else {
-        None
     };
-    let mut texts: Vec<&str> = items.iter().map(|p| p.prompt.as_str()).collect();
-    texts.push("");
-    let m = crate::cli::source::load_pipeline(
-        cfg,
-        checkpoint,
-        WeightsChoice::Ema,
-        &texts,
-        settings.batch_size,
-        dev,
-    )
-    .context("loading the model to evaluate")?;
     let (pipe, dir) = (m.pipe.as_ref(), &m.path);
     for (i, it) in items.iter().enumerate() {
         pipe.check_prompt(&it.prompt)

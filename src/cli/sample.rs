@@ -297,7 +297,8 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     for s in &sources {
         let mut texts: Vec<&str> = prompts.iter().map(|p| p.prompt.as_str()).collect();
         texts.push("");
-        let m = load_pipeline(cfg, *s, a.weights, &texts, a.batch_size, dev)?;
+        let mut m = load_pipeline(cfg, *s, a.weights, dev)?;
+        m.pipe.prepare_prompts(&texts, a.batch_size)?;
         for (i, p) in prompts.iter().enumerate() {
             m.generator()
                 .check_prompt(&p.prompt)

@@ -215,23 +215,19 @@ impl<P: Pipeline + 'static> Loaded<P> {
     }
 }
 
-/// The model a `--checkpoint` value names, an SD3 / SD3.5 or a shapes pipeline as [`targets_sd3`]
-/// decides, with `prompts` encoded ahead of use where the pipeline caches embeddings.
+/// The model a `--checkpoint` value names: an SD3 / SD3.5 or a shapes pipeline, as [`targets_sd3`]
+/// decides.
 pub fn load_pipeline(
     cfg: &Config,
     checkpoint: Option<&Path>,
     weights: WeightsChoice,
-    prompts: &[&str],
-    batch_size: usize,
     dev: &Device,
 ) -> Result<Loaded<Box<dyn Pipeline>>> {
-    let mut m = if targets_sd3(cfg, checkpoint)? {
+    Ok(if targets_sd3(cfg, checkpoint)? {
         load_sd3_model(cfg, checkpoint, weights, dev)?.boxed()
     } else {
         load_model(cfg, checkpoint, weights, dev)?.boxed()
-    };
-    m.pipe.prepare_prompts(prompts, batch_size)?;
-    Ok(m)
+    })
 }
 
 fn safetensors_keys(file: &Path) -> Result<Vec<String>> {

@@ -231,7 +231,9 @@ impl Objective for Dgpo<'_> {
         let timestep = mb.sched.timesteps[j];
         let m = mb.model;
         let train = self.train;
-        let uncond = (train.kl_cfg > 1.0).then(|| mb.empty.repeat(n)).transpose()?;
+        let uncond = (train.kl_cfg > 1.0)
+            .then(|| mb.empty.repeat(n))
+            .transpose()?;
         let v_ref = self.policies.no_grad(Policy::Reference, |w| {
             velocity_sharded(m, &xt, timestep, &mb.cond, uncond.as_ref(), train.kl_cfg, w)
         })?;
@@ -278,10 +280,13 @@ impl DgpoPass<'_> {
         let cond = self.mb.cond.narrow(r)?;
         let xt = self.xt.narrow(0, lo, len)?;
         let timesteps = Tensor::full(self.timestep, len, self.xt.device())?;
-        let v = self
-            .mb
-            .model
-            .forward(&xt, &timesteps, &cond.context, &cond.pooled, Weights::Policy)?;
+        let v = self.mb.model.forward(
+            &xt,
+            &timesteps,
+            &cond.context,
+            &cond.pooled,
+            Weights::Policy,
+        )?;
         let l_theta = per_sample_mse(&self.target.narrow(0, lo, len)?, &v)?;
         let kl = per_sample_mse(&v, &self.v_ref.narrow(0, lo, len)?.detach())?;
         Ok((v, l_theta, kl))
