@@ -5,13 +5,6 @@
 //! detector that is also tolerant of the blur, noise and off-palette pixels of generated images
 //! ([`detect()`], module [`mod@detect`]); and [`score_image`], GenEval's scoring
 //! ([`crate::geneval::score`]) on its detections.
-//!
-//! * classes: [`CLASSES`] (circle, square, triangle pointing up, diamond), sizes [`SHAPE_SIZES`]
-//!   (odd, so every shape has a centre column and its apex pixel);
-//! * colours: [`COLORS`], GenEval colour names, on [`BACKGROUND`];
-//! * at most [`MAX_SHAPES`] shapes per scene, at least [`GAP`] background pixels apart (so that a
-//!   3×3 blur never joins two of them, nor mixes their blurred edges), [`MARGIN`] pixels inside the
-//!   border.
 
 pub mod detect;
 pub mod prompts;

@@ -1,5 +1,12 @@
 //! The shapes world itself: image size, classes, palette, background, sizes and spacing, and the
 //! [`Scene`] of flat shapes an image shows.
+//!
+//! * classes: [`CLASSES`] (circle, square, triangle pointing up, diamond), sizes [`SHAPE_SIZES`]
+//!   (odd, so every shape has a centre column and its apex pixel);
+//! * colours: [`COLORS`], GenEval colour names, on [`BACKGROUND`];
+//! * at most [`MAX_SHAPES`] shapes per scene, at least [`GAP`] background pixels apart (so that a
+//!   3×3 blur never joins two of them, nor mixes their blurred edges), [`MARGIN`] pixels inside the
+//!   border.
 
 use crate::image::Image;
 use serde::{Deserialize, Serialize};

@@ -1,5 +1,5 @@
 //! A diffusers `StableDiffusion3Pipeline` folder as one object: the MMDiT (`transformer/`), the three
-//! text encoders (`src/sd3_text.rs`), the VAE (`src/sd3_vae.rs`) and the scheduler's `shift`;
+//! text encoders ([`text`]), the VAE ([`vae`]) and the scheduler's `shift`;
 //! `generate` samples images from given initial noise as the diffusers pipeline does (CFG on the
 //! prompt and the empty negative prompt, the flow-matching ODE, VAE decode).
 
