@@ -64,6 +64,11 @@ enum Command {
         /// Continue the run in --out from its last checkpoint.
         #[arg(long)]
         resume: bool,
+        /// With --resume: accept a change of this config key although it defines the run (e.g.
+        /// train.learning_rate); repeatable. Budget, evaluation cadence and reward addresses may
+        /// change without it.
+        #[arg(long = "allow-config-change", value_name = "KEY", requires = "resume")]
+        allow_config_change: Vec<String>,
     },
     /// Generate evaluation grids and scores from one or several models on the same noise.
     #[command(
@@ -246,6 +251,7 @@ fn run(cli: Cli) -> Result<()> {
             dry_run,
             out,
             resume,
+            allow_config_change,
         } => {
             let mut config = Config::load(&cfg.config, &cfg.set)?;
             if let Some(out) = out {
@@ -274,7 +280,12 @@ fn run(cli: Cli) -> Result<()> {
                 return Ok(());
             }
             let out = config.run.out_dir.clone();
-            dgpo::train::run(&config, &out, resume, &device)
+            let opts = dgpo::train::RunOptions {
+                resume,
+                allow_config_change,
+                stop_after: None,
+            };
+            dgpo::train::run_with(&config, &out, &opts, &device)
         }
         Command::Sample {
             cfg,

@@ -470,3 +470,15 @@ fn the_python_reference_server_speaks_both_protocols_and_its_scoring_rules_hold(
         "{e}"
     );
 }
+
+#[test]
+fn a_servers_raw_bytes_reach_messages_escaped_and_cut() {
+    let reply = format!("\0\u{1b}[2Jbinary{}", "x".repeat(1000));
+    let e = format!(
+        "{:#}",
+        dgpo::reward::remote::RemoteReward::parse_reply(&reply, 1, "http://h:1").unwrap_err()
+    );
+    assert!(!e.chars().any(|c| c.is_control()), "{e:?}");
+    assert!(e.contains("\\u{0}") && e.contains("…"), "{e}");
+    assert!(e.len() < 400, "{} bytes", e.len());
+}

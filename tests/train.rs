@@ -268,3 +268,125 @@ fn same_update(dir: &std::path::Path, run_a: &str, run_b: &str) {
         "{run_a} and {run_b}: weights differ by {worst:e}"
     );
 }
+
+#[test]
+fn resume_refuses_a_changed_run_before_writing_and_takes_safe_changes() {
+    let dir = tmp("resume-config");
+    let cfg = setup(&dir);
+    let dev = Device::Cpu;
+    let run = dir.join("run");
+    dgpo::train::run_until(&cfg, &run, false, &dev, Some(1)).unwrap();
+    let saved = std::fs::read(run.join("config.toml")).unwrap();
+    let resume = |c: &Config, allow: &[&str]| {
+        let opts = dgpo::train::RunOptions {
+            resume: true,
+            allow_config_change: allow.iter().map(|s| s.to_string()).collect(),
+            stop_after: Some(2),
+        };
+        dgpo::train::run_with(c, &run, &opts, &dev)
+    };
+    // A different seed, algorithm or learning rate is another run: refused, listing each change,
+    // and the run's config.toml still describes its checkpoints.
+    let mut c = cfg.clone();
+    c.run.seed += 1;
+    c.train.learning_rate *= 2.0;
+    let e = format!("{:#}", resume(&c, &[]).unwrap_err());
+    assert!(
+        e.contains("run.seed") && e.contains("train.learning_rate"),
+        "{e}"
+    );
+    assert!(e.contains("--allow-config-change"), "{e}");
+    assert_eq!(std::fs::read(run.join("config.toml")).unwrap(), saved);
+    let e = format!("{:#}", resume(&c, &["run.seed"]).unwrap_err());
+    assert!(
+        e.contains("train.learning_rate") && !e.contains("run.seed:"),
+        "{e}"
+    );
+    // What a kill leaves behind is cleared; a safe change (the evaluation cadence) is taken.
+    let staging = run.join("checkpoints/.epoch-00002.staging-99");
+    std::fs::create_dir_all(&staging).unwrap();
+    std::fs::write(staging.join("train_state.safetensors.tmp-99"), b"half").unwrap();
+    let half_deleted = run.join("checkpoints/epoch-00000");
+    std::fs::create_dir_all(&half_deleted).unwrap();
+    let mut c = cfg.clone();
+    c.run.eval_every = 5;
+    resume(&c, &[]).unwrap();
+    assert!(!staging.exists() && !half_deleted.exists());
+    assert!(run.join("checkpoints/epoch-00002/state.json").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_fresh_run_never_appends_and_a_corrupt_checkpoint_names_the_intact_one() {
+    let dir = tmp("fresh-corrupt");
+    let cfg = setup(&dir);
+    let dev = Device::Cpu;
+    // A folder whose run died before its first checkpoint: the new run starts clean.
+    let run = dir.join("run");
+    std::fs::create_dir_all(run.join("grids")).unwrap();
+    std::fs::write(
+        run.join("metrics.jsonl"),
+        "{\"kind\":\"train\",\"epoch\":0}\n",
+    )
+    .unwrap();
+    std::fs::write(run.join("grids/eval-epoch-00007.png"), b"old").unwrap();
+    dgpo::train::run_until(&cfg, &run, false, &dev, Some(2)).unwrap();
+    let rows = metrics(&run);
+    assert_eq!(
+        rows.iter().filter(|v| v["kind"] == "train").count(),
+        2,
+        "{rows:?}"
+    );
+    assert!(!run.join("grids/eval-epoch-00007.png").exists());
+    // The newest checkpoint broken: --resume says which older one is intact.
+    let newest = run.join("checkpoints/epoch-00002");
+    std::fs::write(
+        newest.join("train_state.safetensors"),
+        b"not a safetensors file",
+    )
+    .unwrap();
+    let e = format!(
+        "{:#}",
+        dgpo::train::run(&cfg, &run, true, &dev).unwrap_err()
+    );
+    assert!(
+        e.contains("epoch-00002") && e.contains("epoch-00001"),
+        "{e}"
+    );
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn a_diverging_run_names_the_epoch_and_the_step_and_saves_no_broken_weights() {
+    let dir = tmp("diverge");
+    let mut cfg = setup(&dir);
+    cfg.train.learning_rate = 1e30;
+    let run = dir.join("run");
+    let e = format!(
+        "{:#}",
+        dgpo::train::run(&cfg, &run, false, &Device::Cpu).unwrap_err()
+    );
+    assert!(
+        e.contains("epoch ") && e.contains("last good checkpoint"),
+        "{e}"
+    );
+    // Every checkpoint that was written holds finite weights.
+    for (_, ck) in dgpo::train::run_dir::checkpoints(&run).unwrap() {
+        let t = dgpo::model::weights::read_safetensors(
+            &[ck.join("train_state.safetensors")],
+            &Device::Cpu,
+        )
+        .unwrap();
+        for (k, v) in t {
+            let s = v
+                .abs()
+                .unwrap()
+                .sum_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap();
+            assert!(!s.is_nan(), "{k} in {}", ck.display());
+        }
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

@@ -132,6 +132,9 @@ impl Config {
         for (i, rw) in self.reward.iter().enumerate() {
             rw.check(i, &mut p);
         }
+        if let Ok(v) = toml::Value::try_from(self) {
+            non_finite_floats(&v, "", &mut p);
+        }
         p.0
     }
 
@@ -142,6 +145,31 @@ impl Config {
 }
 
 /// Set `a.b.c = value` in a TOML table; `value` is read as TOML, or as a string if it is not TOML.
+/// Every float of the config must be finite: `inf` and `nan` parse as TOML floats but no setting
+/// means them.
+fn non_finite_floats(v: &toml::Value, key: &str, p: &mut Problems) {
+    let join = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    match v {
+        toml::Value::Float(x) => {
+            p.need(x.is_finite(), format!("{key} = {x} is not a finite number"))
+        }
+        toml::Value::Table(t) => t
+            .iter()
+            .for_each(|(k, v)| non_finite_floats(v, &join(k), p)),
+        toml::Value::Array(a) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| non_finite_floats(v, &join(&i.to_string()), p)),
+        _ => {}
+    }
+}
+
 fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')
@@ -299,6 +327,39 @@ mod tests {
                 "{e}"
             );
         }
+    }
+
+    #[test]
+    fn non_finite_numbers_and_impossible_sizes_are_refused_naming_the_key() {
+        for (toml, key) in [
+            (
+                "[train]\nlearning_rate = inf\n",
+                "train.learning_rate = inf",
+            ),
+            ("[train]\nbeta_dpo = inf\n", "train.beta_dpo = inf"),
+            (
+                "[sample]\nguidance_scale = inf\n",
+                "sample.guidance_scale = inf",
+            ),
+            ("[train]\nbeta_kl = nan\n", "train.beta_kl = NaN"),
+            (
+                "[[reward]]\nkind = \"shapes_geneval\"\ntimeout_s = inf\n",
+                "reward.0.timeout_s = inf",
+            ),
+        ] {
+            let e = Config::from_toml(toml, "t", &[]).unwrap_err().to_string();
+            assert!(
+                e.contains(&format!("{key} is not a finite number")),
+                "{toml}: {e}"
+            );
+        }
+        let e = Config::from_toml("[lora]\nrank = 100000000\n", "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(
+            e.contains("lora.rank = 100000000") && e.contains("4096"),
+            "{e}"
+        );
     }
 
     #[test]

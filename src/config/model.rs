@@ -122,10 +122,21 @@ impl ModelConfig {
     }
 }
 
+/// The largest LoRA rank accepted (SD3.5-Large's widest projection is 2432 × 9728).
+const MAX_LORA_RANK: usize = 4096;
+
 impl LoraConfig {
     pub(super) fn check(&self, p: &mut Problems) {
         if self.enabled {
             p.need(self.rank >= 1, "lora.rank must be at least 1".into());
+            p.need(
+                self.rank <= MAX_LORA_RANK,
+                format!(
+                    "lora.rank = {} is above {MAX_LORA_RANK}, wider than every layer of the SD3 family \
+                     (a rank past a layer's width adds nothing)",
+                    self.rank
+                ),
+            );
             p.need(
                 self.alpha > 0.0,
                 format!("lora.alpha = {} must be positive", self.alpha),

@@ -145,7 +145,10 @@ impl RemoteReward {
     /// Parse a `/compute` reply for `n` images.
     pub fn parse_reply(text: &str, n: usize, url: &str) -> Result<RewardOutput> {
         let v: serde_json::Value = serde_json::from_str(text).with_context(|| {
-            format!("reward server {url}: the reply is not JSON: {:.200}", text)
+            format!(
+                "reward server {url}: the reply is not JSON: {}",
+                quoted(text, 200)
+            )
         })?;
         let obj = v
             .as_object()
@@ -217,7 +220,7 @@ impl RemoteReward {
                 // Show the start of a text reply (an HTML error page, say); not of binary pickles.
                 let text = match bytes.first() {
                     Some(0x80) | None => String::new(),
-                    _ => format!(": {:.200}", String::from_utf8_lossy(bytes)),
+                    _ => format!(": {}", quoted(&String::from_utf8_lossy(bytes), 200)),
                 };
                 anyhow::anyhow!(
                     "reward server {url}: the reply is not a plain pickled dict ({e}){text}"
@@ -292,7 +295,7 @@ impl RemoteReward {
                 }
                 Err(ureq::Error::Status(code, resp)) => {
                     let text = resp.into_string().unwrap_or_default();
-                    last = format!("HTTP {code}: {:.300}", text);
+                    last = format!("HTTP {code}: {}", quoted(&text, 300));
                 }
                 Err(e) => last = e.to_string(),
             }
@@ -462,4 +465,17 @@ impl Reward for RemoteReward {
         }
         Ok(concat(parts))
     }
+}
+/// A server's bytes as they may appear in a message: control characters and non-ASCII escaped (a
+/// log stays text), cut after `max` characters.
+pub fn quoted(text: &str, max: usize) -> String {
+    let mut out: String = text
+        .chars()
+        .take(max)
+        .flat_map(char::escape_default)
+        .collect();
+    if text.chars().nth(max).is_some() {
+        out.push('…');
+    }
+    format!("\"{out}\"")
 }

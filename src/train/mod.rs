@@ -31,16 +31,31 @@ use crate::train::rollout::{rollout_epoch, EpochPrompts};
 use crate::train::run_dir::RunDir;
 use crate::train::seeds::{epoch_rng, ROLLOUT_NOISE, UPDATE};
 use crate::train::session::Session;
-use anyhow::Result;
+use anyhow::{Context, Result};
 use candle_core::Device;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::Instant;
 
+/// How a run starts and stops.
+#[derive(Debug, Clone, Default)]
+pub struct RunOptions {
+    /// Continue from the run folder's newest checkpoint.
+    pub resume: bool,
+    /// Config keys `--resume` may change although they define the run (`--allow-config-change`).
+    pub allow_config_change: Vec<String>,
+    /// Stop after this many epochs with a checkpoint, as a kill would (tests).
+    pub stop_after: Option<usize>,
+}
+
 /// Run (or resume) training into `out`.
 pub fn run(cfg: &Config, out: &Path, resume: bool, dev: &Device) -> Result<()> {
-    run_until(cfg, out, resume, dev, None)
+    let opts = RunOptions {
+        resume,
+        ..Default::default()
+    };
+    run_with(cfg, out, &opts, dev)
 }
 
 /// As [`run`], stopping after epoch `stop_after` (exclusive count) with a checkpoint, as a kill would.
@@ -51,9 +66,20 @@ pub fn run_until(
     dev: &Device,
     stop_after: Option<usize>,
 ) -> Result<()> {
+    let opts = RunOptions {
+        resume,
+        stop_after,
+        ..Default::default()
+    };
+    run_with(cfg, out, &opts, dev)
+}
+
+/// Run (or resume) training into `out` as `opts` say.
+pub fn run_with(cfg: &Config, out: &Path, opts: &RunOptions, dev: &Device) -> Result<()> {
+    let (resume, stop_after) = (opts.resume, opts.stop_after);
     let (sample, train) = (&cfg.sample, &cfg.train);
     let session = Session::open(cfg, dev)?;
-    let run = RunDir::open(out, cfg, resume)?;
+    let run = RunDir::open(out, cfg, resume, &opts.allow_config_change)?;
     let pipe = session.pipe.as_ref();
     let mut state = TrainState::new(session.vars.clone(), train)?;
     let (start_epoch, wall0) = if resume {
@@ -199,7 +225,9 @@ pub fn run_until(
         let rollout_weights = objective.rollout_weights();
         drop((micro_batches, objective));
         // 5. one AdamW step per epoch, then the EMA-reference and the slow EMA
-        let grad_norm = state.step(acc, train)?;
+        let grad_norm = state
+            .step(acc, train)
+            .with_context(|| format!("epoch {epoch}"))?;
         // 6. metrics, time budget, checkpoint
         let report = EpochReport {
             reward: &scored.total,

@@ -246,6 +246,16 @@ impl TrainState {
         let grad_norm = self.opt.step(acc, t.learning_rate, Some(t.max_grad_norm))?;
         let step = self.opt.step;
         let vars = self.opt.vars();
+        let updated = vars
+            .iter()
+            .map(|(n, v)| (n.clone(), v.as_tensor().clone()))
+            .collect();
+        if let Some(name) = first_non_finite(&updated)? {
+            bail!(
+                "optimizer step {step} (gradient norm {grad_norm}) made {name} non-finite; the last \
+                 good checkpoint is kept — lower train.learning_rate"
+            );
+        }
         self.ema_ref.update(vars, (0.001 * step as f64).min(0.3))?;
         if step.is_multiple_of(t.ema_every as u64) {
             let d = t.ema_decay.min((1.0 + step as f64) / (10.0 + step as f64));
@@ -253,6 +263,20 @@ impl TrainState {
         }
         Ok(grad_norm)
     }
+}
+
+/// The first tensor (by name) holding an infinity or a NaN (`0·x` is 0 exactly when `x` is finite).
+pub fn first_non_finite(tensors: &HashMap<String, Tensor>) -> Result<Option<String>> {
+    let mut names: Vec<&String> = tensors.keys().collect();
+    names.sort();
+    for n in names {
+        let t = &tensors[n];
+        let d = (t * 0.0)?.to_dtype(candle_core::DType::F32)?.sum_all()?;
+        if !d.to_scalar::<f32>()?.is_finite() {
+            return Ok(Some(n.clone()));
+        }
+    }
+    Ok(None)
 }
 
 #[cfg(test)]

@@ -147,8 +147,9 @@ pub struct RunDir {
 
 impl RunDir {
     /// Check `out` against `resume` (a folder with checkpoints needs `--resume`, `--resume` needs
-    /// one), then create it and write the resolved `config.toml`.
-    pub fn open(out: &Path, cfg: &Config, resume: bool) -> Result<Self> {
+    /// one, and may not change what defines the run unless `allowed` names the key), clear what an
+    /// interrupted run left behind, then create the folder and write the resolved `config.toml`.
+    pub fn open(out: &Path, cfg: &Config, resume: bool, allowed: &[String]) -> Result<Self> {
         let ckpts = checkpoints(out).unwrap_or_default();
         if !resume && !ckpts.is_empty() {
             bail!(
@@ -163,11 +164,51 @@ impl RunDir {
                 out.display()
             );
         }
+        if let Some((_, dir)) = ckpts.last() {
+            let saved = CheckpointState::read(dir)?.config(dir)?;
+            check_resumable(&saved, cfg, allowed, dir)?;
+        }
+        let me = Self {
+            out: out.to_path_buf(),
+        };
+        me.clear_leftovers(resume)?;
         std::fs::create_dir_all(out).with_context(|| format!("creating {}", out.display()))?;
         write_atomic(&out.join("config.toml"), cfg.to_toml().as_bytes())?;
-        Ok(Self {
-            out: out.to_path_buf(),
-        })
+        Ok(me)
+    }
+
+    /// Remove what a killed run leaves: staging and half-replaced folders, incomplete checkpoint
+    /// folders, and — for a fresh run, which has no complete checkpoint to continue — the rows and
+    /// grids of the run that never reached one (a fresh run never appends to them).
+    fn clear_leftovers(&self, resume: bool) -> Result<()> {
+        let ck = self.checkpoints_dir();
+        if let Ok(rd) = std::fs::read_dir(&ck) {
+            for e in rd.filter_map(|e| e.ok()) {
+                let name = e.file_name().to_string_lossy().to_string();
+                let staging = name.starts_with(".epoch-")
+                    && (name.contains(".staging-") || name.contains(".old-"));
+                let incomplete = name.starts_with("epoch-") && !is_checkpoint(&e.path());
+                if staging || incomplete {
+                    tracing::warn!(
+                        "removing {}, left by an interrupted run",
+                        e.path().display()
+                    );
+                    remove_any(&e.path())?;
+                }
+            }
+        }
+        if !resume {
+            for leftover in [self.metrics(), self.out.join("grids")] {
+                if leftover.exists() {
+                    tracing::warn!(
+                        "removing {}: its run ended before its first checkpoint",
+                        leftover.display()
+                    );
+                    remove_any(&leftover)?;
+                }
+            }
+        }
+        Ok(())
     }
 
     pub fn metrics(&self) -> PathBuf {
@@ -185,8 +226,24 @@ impl RunDir {
     /// Load the newest checkpoint into `state`; the rows of `metrics.jsonl` past it are dropped.
     /// Returns `(epoch, wall time)` to continue from.
     pub fn resume(&self, state: &mut TrainState, dev: &Device) -> Result<(usize, f64)> {
-        let (_, dir) = checkpoints(&self.out)?.pop().context("no checkpoint")?;
-        let st = CheckpointState::read(&dir)?;
+        let mut all = checkpoints(&self.out)?;
+        let (_, dir) = all.pop().context("no checkpoint")?;
+        self.load(&dir, state, dev).map_err(|e| match all.last() {
+            Some((_, older)) => e.context(format!(
+                "the newest checkpoint {} cannot be used; the older {} is complete: move the newest \
+                 out of checkpoints/ (e.g. `mv {} {}/`) and --resume again to continue from the older one",
+                dir.display(),
+                older.display(),
+                dir.display(),
+                self.out.display()
+            )),
+            None => e.context(format!("the checkpoint {} cannot be used", dir.display())),
+        })
+    }
+
+    /// Load the checkpoint `dir` into `state`; see [`RunDir::resume`].
+    fn load(&self, dir: &Path, state: &mut TrainState, dev: &Device) -> Result<(usize, f64)> {
+        let st = CheckpointState::read(dir)?;
         let f = dir.join(TRAIN_STATE);
         let mut tensors = read_safetensors(std::slice::from_ref(&f), dev)?;
         let vars = state.opt.vars().to_vec();
@@ -227,8 +284,6 @@ impl RunDir {
         keep: usize,
     ) -> Result<()> {
         let dst = self.checkpoints_dir().join(format!("epoch-{epoch:05}"));
-        std::fs::create_dir_all(self.checkpoints_dir())?;
-        let st = staging_dir(&dst)?;
         let vars = state.opt.vars();
         let mut tensors = state.opt.state();
         for (n, v) in vars {
@@ -236,6 +291,14 @@ impl RunDir {
         }
         tensors.extend(state.ema_ref.named(vars, EMA_REF));
         tensors.extend(state.ema.named(vars, EMA));
+        if let Some(name) = crate::train::optim::first_non_finite(&tensors)? {
+            bail!(
+                "epoch {epoch}: {name} holds non-finite values; no checkpoint is written, the last \
+                 good one is kept"
+            );
+        }
+        std::fs::create_dir_all(self.checkpoints_dir())?;
+        let st = staging_dir(&dst)?;
         save_safetensors(&st.join(TRAIN_STATE), &tensors, None)?;
         save_trainable_ema(&st.join(TRAINABLE_EMA), epoch, state, vars, cfg)?;
         let cs = CheckpointState {
@@ -271,4 +334,98 @@ fn save_trainable_ema(
         ("dgpo_base".to_string(), cfg.model.pretrained.clone()),
     ]);
     save_safetensors(path, &state.ema.named(vars, ""), Some(meta))
+}
+
+fn remove_any(p: &Path) -> Result<()> {
+    if p.is_dir() {
+        std::fs::remove_dir_all(p)
+    } else {
+        std::fs::remove_file(p)
+    }
+    .with_context(|| format!("removing {}", p.display()))
+}
+
+/// Keys whose change does not change what a run is: its length and time budget, how often it
+/// evaluates and saves, where reward servers are and how they are called, the embedding cache and
+/// the update's memory knobs (same gradient, up to summation order).
+fn safe_to_change(key: &str) -> bool {
+    const SAFE: [&str; 10] = [
+        "run.out_dir",
+        "run.num_epochs",
+        "run.max_minutes",
+        "run.eval_every",
+        "run.save_every",
+        "run.keep_checkpoints",
+        "sample.eval_batch_size",
+        "model.embedding_cache",
+        "train.backward_chunk",
+        "train.gradient_checkpointing",
+    ];
+    const REWARD_SAFE: [&str; 6] = [
+        "url",
+        "timeout_s",
+        "retries",
+        "backoff_s",
+        "max_concurrency",
+        "batch_size",
+    ];
+    SAFE.contains(&key)
+        || key.starts_with("pretrain.")
+        || (key.starts_with("reward.")
+            && REWARD_SAFE.iter().any(|k| key.ends_with(&format!(".{k}"))))
+}
+
+/// `key → value` of every leaf of a config (`reward.0.url`, …).
+fn flatten(v: &toml::Value, key: &str, out: &mut std::collections::BTreeMap<String, String>) {
+    let join = |k: &str| {
+        if key.is_empty() {
+            k.to_string()
+        } else {
+            format!("{key}.{k}")
+        }
+    };
+    match v {
+        toml::Value::Table(t) => t.iter().for_each(|(k, v)| flatten(v, &join(k), out)),
+        toml::Value::Array(a) if a.iter().all(|x| x.is_table()) => a
+            .iter()
+            .enumerate()
+            .for_each(|(i, v)| flatten(v, &join(&i.to_string()), out)),
+        other => {
+            out.insert(key.to_string(), other.to_string());
+        }
+    }
+}
+
+/// Refuse a `--resume` whose config differs from the checkpoint's in what defines the run (the
+/// algorithm, model, adapters, seed, prompts, rewards, hyperparameters), unless `allowed` names
+/// each such key; log the safe differences.
+fn check_resumable(saved: &Config, new: &Config, allowed: &[String], dir: &Path) -> Result<()> {
+    let (mut a, mut b) = (Default::default(), Default::default());
+    flatten(&toml::Value::try_from(saved)?, "", &mut a);
+    flatten(&toml::Value::try_from(new)?, "", &mut b);
+    let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
+    let none = "(unset)".to_string();
+    let mut refused = vec![];
+    for k in keys {
+        let (old, new) = (a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none));
+        if old == new {
+            continue;
+        }
+        let line = format!("{k}: {old} → {new}");
+        if safe_to_change(k) || allowed.iter().any(|x| x == k) {
+            tracing::info!("--resume with a changed setting: {line}");
+        } else {
+            refused.push(line);
+        }
+    }
+    if !refused.is_empty() {
+        bail!(
+            "--resume: the config differs from the one {} was trained with in what defines the run:\n  \
+             {}\nresume with the saved config (its config.toml), or pass --allow-config-change KEY for \
+             each change you mean",
+            dir.display(),
+            refused.join("\n  ")
+        );
+    }
+    Ok(())
 }

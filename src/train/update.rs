@@ -5,7 +5,7 @@
 use crate::train::metrics::{stage_bar, PassTotals};
 use crate::train::objective::{MicroBatch, Objective, ShardPass};
 use crate::train::optim::{AdamW, GradAccum};
-use anyhow::{bail, Result};
+use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 
 /// Add the shards' gradients to the accumulator and their terms to the totals; a non-finite loss
@@ -58,7 +58,17 @@ pub fn accumulate(
     );
     for mb in micro_batches {
         for &j in steps {
-            let shards = objective.pass(mb, j, rng)?;
+            let shards = objective.pass(mb, j, rng).with_context(|| {
+                format!(
+                    "epoch {epoch}: the {} pass over images {}..{} at step index {j} (timestep {}) \
+                     failed; the last good checkpoint is kept — {}",
+                    objective.name(),
+                    mb.lo,
+                    mb.lo + mb.len(),
+                    mb.sched.timesteps[j],
+                    objective.nan_hint()
+                )
+            })?;
             absorb(&mut totals, opt, &mut acc, shards, epoch, objective)?;
             bar.inc(1);
         }
