@@ -1,6 +1,6 @@
-//! GenEval-shapes evaluation: every test prompt sampled `images_per_prompt` times from fixed noise with
-//! the deterministic ODE sampler, each image scored by the exact detector, summarised per tag. The same
-//! code serves `dgpo eval`, the evaluations inside `dgpo pretrain` and those of `dgpo train`.
+//! Evaluation: every test prompt sampled `images_per_prompt` times from fixed noise with the
+//! deterministic ODE sampler, each image scored (the testbed's exact detector, or the `[[reward]]`
+//! modules for SD3 / SD3.5), summarised per tag. Serves `dgpo eval`, `dgpo pretrain` and `dgpo train`.
 
 use crate::config::{Config, Sampler};
 use crate::geneval::{summarize, Metadata, Outcome, Summary};

@@ -23,6 +23,7 @@ pub mod update;
 pub use prompts::{epoch_prompts, epoch_prompts_by_tag};
 
 use crate::config::{AdvantageMode, Config};
+use crate::sampling::{Conditioning, Schedule};
 use crate::train::metrics::{final_words, record_epoch, record_eval, At, EpochReport};
 use crate::train::objective::MicroBatch;
 use crate::train::optim::TrainState;
@@ -76,147 +77,149 @@ pub fn run_until(
 
 /// Run (or resume) training into `out` as `opts` say.
 pub fn run_with(cfg: &Config, out: &Path, opts: &RunOptions, dev: &Device) -> Result<()> {
-    let (resume, stop_after) = (opts.resume, opts.stop_after);
-    let (sample, train) = (&cfg.sample, &cfg.train);
-    let session = Session::open(cfg, dev)?;
-    let run = RunDir::open(out, cfg, resume, &opts.allow_config_change)?;
-    let pipe = session.pipe.as_ref();
-    let mut state = TrainState::new(session.vars.clone(), train)?;
-    let (start_epoch, wall0) = if resume {
-        run.resume(&mut state, dev)?
-    } else {
-        (0, 0.0)
-    };
-    let stop = interrupt_flag();
-    let g = sample.group_size;
-    let per_epoch = sample.batch_size * sample.num_batches_per_epoch;
-    let n_groups = per_epoch / g;
-    let sched = crate::sampling::schedule(sample.sampler, sample.num_steps, sample.flow_shift);
-    let empty = pipe.encode(&[""])?;
-    let t0 = Instant::now();
-    let wall = || wall0 + t0.elapsed().as_secs_f64();
-    tracing::info!(
-        trainable = session
-            .vars
-            .iter()
-            .map(|(_, v)| v.elem_count())
-            .sum::<usize>(),
-        groups = n_groups,
-        group_size = g,
-        "{} on {} ({} train / {} test prompts) into {}",
-        train.algorithm.name(),
-        session.base.display(),
-        session.train_items.len(),
-        session.test_items.len(),
-        out.display()
-    );
-    // The slow EMA on the test prompts; GenEval's overall score when it has GenEval verdicts.
-    let evaluate = |at: &At, state: &TrainState| -> Result<Option<f64>> {
-        let r = Policies::of(state).no_grad(Policy::SlowEma, |w| {
-            let rw = Some(&session.rewards);
-            crate::eval::evaluate_prompts(pipe, &session.test_items, &session.eval, w, false, rw)
-        })?;
-        let per_row = session.eval.images_per_prompt * 4;
-        record_eval(&run.metrics(), &run.grid(at.epoch), per_row, at, &r)
-    };
-    let save = |epoch: usize, state: &TrainState, wall: f64| {
-        run.save(epoch, state, wall, cfg, cfg.run.keep_checkpoints)
-    };
-
-    let mut first_above: Option<usize> = None;
-    for epoch in start_epoch..cfg.run.num_epochs {
-        let at = |state: &TrainState| At {
-            epoch,
-            opt_step: state.opt.step,
-            wall: wall(),
-        };
+    let mut t = Trainer::start(cfg, out, opts, dev)?;
+    for epoch in t.start_epoch..cfg.run.num_epochs {
         if epoch % cfg.run.eval_every == 0 {
-            let score = evaluate(&at(&state), &state)?.unwrap_or(0.0);
-            if score >= 0.8 && first_above.is_none() {
-                first_above = Some(epoch);
-            }
+            t.evaluate(epoch)?;
         }
-        let epoch_wall = wall();
+        t.epoch(epoch)?;
+        if t.end_of_epoch(epoch, opts.stop_after)? {
+            return Ok(());
+        }
+    }
+    t.finish()
+}
+
+/// A run in progress: what it loaded, where it writes, and the state it carries between epochs.
+struct Trainer<'a> {
+    cfg: &'a Config,
+    session: Session,
+    run: RunDir,
+    state: TrainState,
+    start_epoch: usize,
+    sched: Schedule,
+    /// The empty prompt's conditioning: CFG's unconditional branch.
+    empty: Conditioning,
+    workers: usize,
+    wall0: f64,
+    t0: Instant,
+    stop: Arc<AtomicBool>,
+    /// The first epoch whose evaluation reached 0.8.
+    first_above: Option<usize>,
+}
+
+impl<'a> Trainer<'a> {
+    /// Everything checked and loaded, the run folder opened, the state fresh or resumed.
+    fn start(cfg: &'a Config, out: &Path, opts: &RunOptions, dev: &Device) -> Result<Self> {
+        let (sample, train) = (&cfg.sample, &cfg.train);
+        let session = Session::open(cfg, dev)?;
+        let run = RunDir::open(out, cfg, opts.resume, &opts.allow_config_change)?;
+        let mut state = TrainState::new(session.vars.clone(), train)?;
+        let (start_epoch, wall0) = if opts.resume {
+            run.resume(&mut state, dev)?
+        } else {
+            (0, 0.0)
+        };
+        let empty = session.pipe.encode(&[""])?;
+        tracing::info!(
+            trainable = session
+                .vars
+                .iter()
+                .map(|(_, v)| v.elem_count())
+                .sum::<usize>(),
+            groups = sample.batch_size * sample.num_batches_per_epoch / sample.group_size,
+            group_size = sample.group_size,
+            "{} on {} ({} train / {} test prompts) into {}",
+            train.algorithm.name(),
+            session.base.display(),
+            session.train_items.len(),
+            session.test_items.len(),
+            out.display()
+        );
+        Ok(Self {
+            cfg,
+            run,
+            state,
+            start_epoch,
+            sched: crate::sampling::schedule(sample.sampler, sample.num_steps, sample.flow_shift),
+            empty,
+            workers: crate::par::workers_for(dev),
+            wall0,
+            t0: Instant::now(),
+            stop: interrupt_flag(),
+            first_above: None,
+            session,
+        })
+    }
+
+    /// One epoch of the algorithm, stage by stage.
+    fn epoch(&mut self, epoch: usize) -> Result<()> {
+        let (cfg, sample, train) = (self.cfg, &self.cfg.sample, &self.cfg.train);
+        let pipe = self.session.pipe.as_ref();
+        let g = sample.group_size;
+        let per_epoch = sample.batch_size * sample.num_batches_per_epoch;
+        let wall_before = self.wall();
         // 1. prompts: n_groups training prompts, each repeated group_size times
         let (prompts, metas) = prompts::epoch_groups(
-            &session.train_items,
+            &self.session.train_items,
             cfg.prompts.sampling,
-            n_groups,
+            per_epoch / g,
             g,
             cfg.run.seed,
             epoch,
         );
         // 2. rollouts, each batch scored on a second thread while the next is sampled
-        let policies = Policies::of(&state);
-        let mut objective = objective::for_epoch(train, sample, policies, state.opt.step);
+        let policies = Policies::of(&self.state);
+        let mut objective = objective::for_epoch(train, sample, policies, self.state.opt.step);
         let epoch_prompts = EpochPrompts {
             prompts: &prompts,
             metas: &metas,
-            empty: &empty,
+            empty: &self.empty,
             batch_size: sample.batch_size,
             guidance: sample.guidance_scale,
         };
-        let mut noise = epoch_rng(cfg.run.seed, epoch, ROLLOUT_NOISE);
-        let label = format!("epoch {epoch} rollout");
         let rolled = rollout_epoch(
             pipe,
             objective.as_mut(),
-            &sched,
+            &self.sched,
             &epoch_prompts,
-            &session.rewards,
-            &mut noise,
-            &label,
+            &self.session.rewards,
+            &mut epoch_rng(cfg.run.seed, epoch, ROLLOUT_NOISE),
+            &format!("epoch {epoch} rollout"),
         )?;
         // 3. rewards → group-relative advantages
         let t_rew = Instant::now();
         let scored = match rolled.scored {
-            Ok(x) => x,
-            Err(e) => {
-                // Nothing of this epoch is lost but its rollouts: keep the state before it.
-                save(epoch, &state, epoch_wall)?;
-                return Err(e.context(format!(
-                    "epoch {epoch}: the rewards failed; a checkpoint of the state before this epoch is \
-                     in {}; fix the reward (a server's address can be changed in the config) and \
-                     continue with `dgpo train --config <config> --out {} --resume`",
-                    out.join("checkpoints").display(),
-                    out.display()
-                )));
-            }
+            Ok(scored) => scored,
+            Err(e) => return Err(self.reward_failure(e, epoch, wall_before)),
         };
-        let clip_max = train.adv_clip_max as f32;
-        let adv = match train.advantages {
-            AdvantageMode::Sum => dgpo::advantages(&scored.total, g, train.global_std, clip_max)?,
-            AdvantageMode::Decoupled => {
-                dgpo::decoupled_advantages(&scored.modules, g, train.global_std, clip_max)?
-            }
-        };
+        let adv = group_advantages(train, &scored, g)?;
         let reward_s = rolled.reward_wait_s + t_rew.elapsed().as_secs_f64();
         // 4. update: every micro-batch (whole groups) at every drawn step index
         let t_upd = Instant::now();
         let mut draws = epoch_rng(cfg.run.seed, epoch, UPDATE);
-        let steps = objective.train_steps(&mut draws, &sched);
-        let workers = crate::par::workers_for(dev);
+        let steps = objective.train_steps(&mut draws, &self.sched);
         let passes = (per_epoch / train.batch_size * steps.len()) as f64;
         let micro_batches = (0..per_epoch)
             .step_by(train.batch_size)
             .map(|lo| -> Result<MicroBatch> {
                 Ok(MicroBatch {
                     model: pipe.transformer(),
-                    sched: &sched,
+                    sched: &self.sched,
                     x0: rolled.x0.narrow(0, lo, train.batch_size)?,
                     cond: rolled.cond.narrow(lo..lo + train.batch_size)?,
-                    empty: &empty,
+                    empty: &self.empty,
                     adv: &adv.values[lo..lo + train.batch_size],
                     lo,
                     group: g,
-                    workers,
+                    workers: self.workers,
                     passes,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let (acc, totals) = update::accumulate(
             objective.as_ref(),
-            &state.opt,
+            &self.state.opt,
             &micro_batches,
             &steps,
             &mut draws,
@@ -225,64 +228,154 @@ pub fn run_with(cfg: &Config, out: &Path, opts: &RunOptions, dev: &Device) -> Re
         let rollout_weights = objective.rollout_weights();
         drop((micro_batches, objective));
         // 5. one AdamW step per epoch, then the EMA-reference and the slow EMA
-        let grad_norm = state
+        let grad_norm = self
+            .state
             .step(acc, train)
             .with_context(|| format!("epoch {epoch}"))?;
-        // 6. metrics, time budget, checkpoint
+        // 6. metrics
         let report = EpochReport {
             reward: &scored.total,
             named: &scored.named,
             adv: &adv,
             totals: &totals,
             passes,
-            n_groups,
+            n_groups: per_epoch / g,
             grad_norm,
-            timesteps: steps.iter().map(|&j| sched.timesteps[j]).collect(),
+            timesteps: steps.iter().map(|&j| self.sched.timesteps[j]).collect(),
             rollout_weights,
             rollout_s: rolled.rollout_s,
             reward_s,
             reward_busy_s: rolled.reward_busy_s,
             update_s: t_upd.elapsed().as_secs_f64(),
         };
-        let now = at(&state);
-        record_epoch(&run.metrics(), &now, &report)?;
-        let done = epoch + 1;
-        let out_of_time = cfg.run.max_minutes > 0.0 && now.wall >= cfg.run.max_minutes * 60.0;
-        if out_of_time && done < cfg.run.num_epochs {
-            save(done, &state, now.wall)?;
-            let at_done = At { epoch: done, ..now };
-            let score = evaluate(&at_done, &state)?;
+        record_epoch(&self.run.metrics(), &self.at(epoch), &report)
+    }
+
+    /// Training wall time so far, resumed runs included.
+    fn wall(&self) -> f64 {
+        self.wall0 + self.t0.elapsed().as_secs_f64()
+    }
+
+    fn at(&self, epoch: usize) -> At {
+        At {
+            epoch,
+            opt_step: self.state.opt.step,
+            wall: self.wall(),
+        }
+    }
+
+    /// Evaluate the slow EMA on the test prompts as of `epoch`; GenEval's overall score when the
+    /// evaluation has GenEval verdicts.
+    fn evaluate_at(&self, at: &At) -> Result<Option<f64>> {
+        let s = &self.session;
+        let r = Policies::of(&self.state).no_grad(Policy::SlowEma, |w| {
+            crate::eval::evaluate_prompts(
+                s.pipe.as_ref(),
+                &s.test_items,
+                &s.eval,
+                w,
+                false,
+                Some(&s.rewards),
+            )
+        })?;
+        let per_row = s.eval.images_per_prompt * 4;
+        record_eval(
+            &self.run.metrics(),
+            &self.run.grid(at.epoch),
+            per_row,
+            at,
+            &r,
+        )
+    }
+
+    /// The evaluation before `epoch`, noting the first that reaches 0.8.
+    fn evaluate(&mut self, epoch: usize) -> Result<()> {
+        let score = self.evaluate_at(&self.at(epoch))?.unwrap_or(0.0);
+        if score >= 0.8 && self.first_above.is_none() {
+            self.first_above = Some(epoch);
+        }
+        Ok(())
+    }
+
+    fn save(&self, epoch: usize, wall: f64) -> Result<()> {
+        let keep = self.cfg.run.keep_checkpoints;
+        self.run.save(epoch, &self.state, wall, self.cfg, keep)
+    }
+
+    /// The rewards of `epoch` failed: nothing is lost but its rollouts — the state before it is
+    /// saved, and the error says how to continue.
+    fn reward_failure(&self, e: anyhow::Error, epoch: usize, wall: f64) -> anyhow::Error {
+        if let Err(s) = self.save(epoch, wall) {
+            return e.context(format!(
+                "epoch {epoch}: the rewards failed, and so did the checkpoint: {s:#}"
+            ));
+        }
+        let out = &self.run.out;
+        e.context(format!(
+            "epoch {epoch}: the rewards failed; a checkpoint of the state before this epoch is \
+             in {}; fix the reward (a server's address can be changed in the config) and \
+             continue with `dgpo train --config <config> --out {} --resume`",
+            out.join("checkpoints").display(),
+            out.display()
+        ))
+    }
+
+    /// After `epoch`: the time budget (checkpoint and final evaluation), Ctrl-C or `stop_after`
+    /// (checkpoint), the regular checkpoint. Returns whether the run stops here.
+    fn end_of_epoch(&mut self, epoch: usize, stop_after: Option<usize>) -> Result<bool> {
+        let run_cfg = &self.cfg.run;
+        let (done, now) = (epoch + 1, self.at(epoch + 1));
+        let out_of_time = run_cfg.max_minutes > 0.0 && now.wall >= run_cfg.max_minutes * 60.0;
+        if out_of_time && done < run_cfg.num_epochs {
+            self.save(done, now.wall)?;
+            let score = self.evaluate_at(&now)?;
             println!(
                 "time budget run.max_minutes = {} reached after epoch {epoch}: stopping{}{}",
-                cfg.run.max_minutes,
+                run_cfg.max_minutes,
                 final_words(score),
-                first_above_words(first_above)
+                first_above_words(self.first_above)
             );
-            return Ok(());
+            return Ok(true);
         }
-        let interrupted = stop.load(Ordering::SeqCst) || Some(done) == stop_after;
-        if done % cfg.run.save_every == 0 || done == cfg.run.num_epochs || interrupted {
-            save(done, &state, now.wall)?;
+        let interrupted = self.stop.load(Ordering::SeqCst) || Some(done) == stop_after;
+        if done % run_cfg.save_every == 0 || done == run_cfg.num_epochs || interrupted {
+            self.save(done, now.wall)?;
         }
         if interrupted {
             println!("stopped after epoch {epoch}; continue with --resume");
-            return Ok(());
+        }
+        Ok(interrupted)
+    }
+
+    /// The final evaluation after the last epoch.
+    fn finish(&self) -> Result<()> {
+        let end = self.at(self.cfg.run.num_epochs);
+        let final_score = self.evaluate_at(&end)?;
+        println!(
+            "done: {} epochs in {:.1} min{}{}",
+            self.cfg.run.num_epochs,
+            end.wall / 60.0,
+            final_words(final_score),
+            first_above_words(self.first_above)
+        );
+        Ok(())
+    }
+}
+
+/// Group-relative advantages of the epoch's rewards (`train.advantages`: of the weighted sum, or
+/// of each module on its own).
+fn group_advantages(
+    train: &crate::config::TrainConfig,
+    scored: &crate::reward::Scored,
+    group: usize,
+) -> Result<dgpo::Advantages> {
+    let clip_max = train.adv_clip_max as f32;
+    match train.advantages {
+        AdvantageMode::Sum => dgpo::advantages(&scored.total, group, train.global_std, clip_max),
+        AdvantageMode::Decoupled => {
+            dgpo::decoupled_advantages(&scored.modules, group, train.global_std, clip_max)
         }
     }
-    let end = At {
-        epoch: cfg.run.num_epochs,
-        opt_step: state.opt.step,
-        wall: wall(),
-    };
-    let final_score = evaluate(&end, &state)?;
-    println!(
-        "done: {} epochs in {:.1} min{}{}",
-        cfg.run.num_epochs,
-        end.wall / 60.0,
-        final_words(final_score),
-        first_above_words(first_above)
-    );
-    Ok(())
 }
 
 fn first_above_words(epoch: Option<usize>) -> String {
