@@ -23,6 +23,7 @@ use problems::Problems;
 
 use anyhow::{anyhow, bail, Context, Result};
 use serde::{Deserialize, Serialize};
+use std::collections::BTreeMap;
 use std::path::Path;
 
 /// The whole configuration of a run.
@@ -132,10 +133,24 @@ impl Config {
         for (i, rw) in self.reward.iter().enumerate() {
             rw.check(i, &mut p);
         }
-        if let Ok(v) = toml::Value::try_from(self) {
-            non_finite_floats(&v, "", &mut p);
+        // Every float must be finite: `inf` and `nan` parse as TOML floats but no setting means them.
+        for (key, v) in self.leaves().unwrap_or_default() {
+            let floats = match &v {
+                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_float()).collect(),
+                other => other.as_float().into_iter().collect::<Vec<_>>(),
+            };
+            if let Some(x) = floats.iter().find(|x| !x.is_finite()) {
+                p.need(false, format!("{key} = {x} is not a finite number"));
+            }
         }
         p.0
+    }
+
+    /// Every setting as `key → value` (`train.learning_rate`, `reward.0.url`, …).
+    pub fn leaves(&self) -> Result<BTreeMap<String, toml::Value>> {
+        let mut out = BTreeMap::new();
+        collect_leaves(&toml::Value::try_from(self)?, "", &mut out);
+        Ok(out)
     }
 
     /// The resolved configuration as TOML.
@@ -144,10 +159,9 @@ impl Config {
     }
 }
 
-/// Set `a.b.c = value` in a TOML table; `value` is read as TOML, or as a string if it is not TOML.
-/// Every float of the config must be finite: `inf` and `nan` parse as TOML floats but no setting
-/// means them.
-fn non_finite_floats(v: &toml::Value, key: &str, p: &mut Problems) {
+/// Every leaf under `key` of a TOML value, into `out`; arrays of tables are indexed (`reward.0.url`),
+/// other arrays are one leaf (`lora.targets`).
+fn collect_leaves(v: &toml::Value, key: &str, out: &mut BTreeMap<String, toml::Value>) {
     let join = |k: &str| {
         if key.is_empty() {
             k.to_string()
@@ -156,20 +170,18 @@ fn non_finite_floats(v: &toml::Value, key: &str, p: &mut Problems) {
         }
     };
     match v {
-        toml::Value::Float(x) => {
-            p.need(x.is_finite(), format!("{key} = {x} is not a finite number"))
-        }
-        toml::Value::Table(t) => t
-            .iter()
-            .for_each(|(k, v)| non_finite_floats(v, &join(k), p)),
-        toml::Value::Array(a) => a
+        toml::Value::Table(t) => t.iter().for_each(|(k, v)| collect_leaves(v, &join(k), out)),
+        toml::Value::Array(a) if !a.is_empty() && a.iter().all(|x| x.is_table()) => a
             .iter()
             .enumerate()
-            .for_each(|(i, v)| non_finite_floats(v, &join(&i.to_string()), p)),
-        _ => {}
+            .for_each(|(i, v)| collect_leaves(v, &join(&i.to_string()), out)),
+        other => {
+            out.insert(key.to_string(), other.clone());
+        }
     }
 }
 
+/// Set `a.b.c = value` in a TOML table; `value` is read as TOML, or as a string if it is not TOML.
 fn apply_override(table: &mut toml::Table, assignment: &str) -> Result<()> {
     let (key, raw) = assignment
         .split_once('=')

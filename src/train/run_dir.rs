@@ -291,12 +291,6 @@ impl RunDir {
         }
         tensors.extend(state.ema_ref.named(vars, EMA_REF));
         tensors.extend(state.ema.named(vars, EMA));
-        if let Some(name) = crate::train::optim::first_non_finite(&tensors)? {
-            bail!(
-                "epoch {epoch}: {name} holds non-finite values; no checkpoint is written, the last \
-                 good one is kept"
-            );
-        }
         std::fs::create_dir_all(self.checkpoints_dir())?;
         let st = staging_dir(&dst)?;
         save_safetensors(&st.join(TRAIN_STATE), &tensors, None)?;
@@ -375,36 +369,13 @@ fn safe_to_change(key: &str) -> bool {
             && REWARD_SAFE.iter().any(|k| key.ends_with(&format!(".{k}"))))
 }
 
-/// `key → value` of every leaf of a config (`reward.0.url`, …).
-fn flatten(v: &toml::Value, key: &str, out: &mut std::collections::BTreeMap<String, String>) {
-    let join = |k: &str| {
-        if key.is_empty() {
-            k.to_string()
-        } else {
-            format!("{key}.{k}")
-        }
-    };
-    match v {
-        toml::Value::Table(t) => t.iter().for_each(|(k, v)| flatten(v, &join(k), out)),
-        toml::Value::Array(a) if a.iter().all(|x| x.is_table()) => a
-            .iter()
-            .enumerate()
-            .for_each(|(i, v)| flatten(v, &join(&i.to_string()), out)),
-        other => {
-            out.insert(key.to_string(), other.to_string());
-        }
-    }
-}
-
 /// Refuse a `--resume` whose config differs from the checkpoint's in what defines the run (the
 /// algorithm, model, adapters, seed, prompts, rewards, hyperparameters), unless `allowed` names
 /// each such key; log the safe differences.
 fn check_resumable(saved: &Config, new: &Config, allowed: &[String], dir: &Path) -> Result<()> {
-    let (mut a, mut b) = (Default::default(), Default::default());
-    flatten(&toml::Value::try_from(saved)?, "", &mut a);
-    flatten(&toml::Value::try_from(new)?, "", &mut b);
+    let (a, b) = (saved.leaves()?, new.leaves()?);
     let keys: std::collections::BTreeSet<&String> = a.keys().chain(b.keys()).collect();
-    let none = "(unset)".to_string();
+    let none = toml::Value::String("(unset)".into());
     let mut refused = vec![];
     for k in keys {
         let (old, new) = (a.get(k).unwrap_or(&none), b.get(k).unwrap_or(&none));
