@@ -52,7 +52,7 @@ fn trained_run(name: &str) -> (PathBuf, Config) {
 /// One transformer forward on fixed inputs with the prompt's conditioning.
 fn probe(pipe: &ShapesPipeline) -> Tensor {
     let dev = Device::Cpu;
-    let (c, h, w) = pipe.image_shape();
+    let (c, h, w) = pipe.latent_shape();
     let x = Tensor::arange(0f32, (2 * c * h * w) as f32, &dev)
         .unwrap()
         .reshape((2, c, h, w))
@@ -222,7 +222,7 @@ fn bad_exports_and_checkpoints_say_what_is_wrong() {
     )
     .unwrap();
     let other =
-        ShapesPipeline::from_scratch(&tcfg, &base.text.cfg, base.tokenizer.clone(), 3, &dev)
+        ShapesPipeline::from_scratch(&tcfg, &base.text.cfg, base.tokenizer.clone(), None, 3, &dev)
             .unwrap();
     other
         .save(&other_dir.join("base"), &Default::default(), DType::F32)
@@ -387,7 +387,7 @@ fn write_diffusers_check_fixture() {
     )
     .unwrap();
     let trained = load_model(&cfg, Some(&run), WeightsChoice::Ema, &dev).unwrap();
-    let (c, h, w) = base.pipe.image_shape();
+    let (c, h, w) = base.pipe.latent_shape();
     let x = Tensor::randn(0f32, 1., (2, c, h, w), &dev).unwrap();
     let t = Tensor::new(&[900f32, 250.], &dev).unwrap();
     let cond = base

@@ -26,9 +26,9 @@ fn tiny_config(dir: &Path, steps: usize) -> Config {
         .get_vocab_size(true);
     std::fs::write(
         dir.join("transformer.json"),
-        r#"{"sample_size": 32, "patch_size": 4, "in_channels": 3, "out_channels": 3, "num_layers": 1,
+        r#"{"sample_size": 4, "patch_size": 1, "in_channels": 12, "out_channels": 12, "num_layers": 1,
             "attention_head_dim": 8, "num_attention_heads": 2, "joint_attention_dim": 16,
-            "caption_projection_dim": 16, "pooled_projection_dim": 12, "pos_embed_max_size": 8,
+            "caption_projection_dim": 16, "pooled_projection_dim": 12, "pos_embed_max_size": 4,
             "qk_norm": "rms_norm"}"#,
     )
     .unwrap();
@@ -55,7 +55,7 @@ fn tiny_config(dir: &Path, steps: usize) -> Config {
 [run]
 seed = 3
 [model]
-resolution = 32
+resolution = 48
 [sample]
 sampler = "euler"
 eval_num_steps = 2
@@ -67,6 +67,7 @@ test = "{d}/test.jsonl"
 transformer_config = "{d}/transformer.json"
 text_encoder_config = "{d}/text_encoder.json"
 tokenizer = "{tok}"
+codec_config = "{codec}"
 steps = {steps}
 batch_size = 4
 warmup_steps = 2
@@ -75,7 +76,8 @@ save_every = 2
 log_every = 1
 "#,
         d = dir.display(),
-        tok = tok.display()
+        tok = tok.display(),
+        codec = root().join("configs/shapes/codec.json").display()
     );
     std::fs::write(dir.join("tiny.toml"), &text).unwrap();
     Config::from_toml(&text, "tiny", &[]).unwrap()

@@ -330,15 +330,17 @@ mod tests {
         assert!(e.contains("every tag weighs 0"), "{e}");
         let c = Config::from_toml(&format!("[pretrain.tag_weights]\n{zero}"), "t", &[]).unwrap();
         assert_eq!(c.pretrain.tag_weights.len(), 5);
-        for l in [0, 9] {
-            let e = bad(&format!("[pretrain]\nposition_lattice = {l}\n"));
+        for v in ["-0.1", "1.5"] {
+            let e = bad(&format!("[pretrain.caption_noise]\nbinding = {v}\n"));
             assert!(
                 e.contains(&format!(
-                    "pretrain.position_lattice = {l} must be between 1 and 8"
+                    "pretrain.caption_noise.binding = {v} must be a probability"
                 )),
                 "{e}"
             );
         }
+        let e = bad("[pretrain.caption_noise]\nbindings = 0.5\n");
+        assert!(e.contains("bindings"), "{e}");
     }
 
     #[test]

@@ -25,6 +25,9 @@ pub struct PretrainConfig {
     pub text_encoder_config: PathBuf,
     /// WordLevel `tokenizer.json`.
     pub tokenizer: PathBuf,
+    /// `config.json` of the cell codec (the model then works on one latent pixel per grid cell);
+    /// unset: on pixels.
+    pub codec_config: Option<PathBuf>,
     /// Start from the weights of this pipeline folder (what `dgpo pretrain` writes to `model/`, e.g.
     /// the shipped `configs/shapes/base`) instead of a fresh initialisation; the optimizer starts fresh.
     /// Its transformer, text encoder and tokenizer must be the ones the three paths above describe.
@@ -48,10 +51,9 @@ pub struct PretrainConfig {
     /// `{ colors = 2.0, color_attr = 2.0 }`; a tag not named weighs 1. Empty (the default) draws the
     /// six tags uniformly, exactly as before the key existed.
     pub tag_weights: std::collections::BTreeMap<String, f64>,
-    /// Pixels between the allowed positions of a shape's top-left corner in the rendered scenes
-    /// (1 = any pixel, as the shipped base was trained; 4 = the patch size of the shapes model: every
-    /// shape sits at the same offset within its patches).
-    pub position_lattice: usize,
+    /// How loosely the rendered scenes follow their captions (`[pretrain.caption_noise]`; all zero,
+    /// the default: exactly).
+    pub caption_noise: crate::testbed::CaptionNoise,
     pub timestep_sampling: TimestepSampling,
     pub logit_mean: f64,
     pub logit_std: f64,
@@ -86,6 +88,7 @@ impl Default for PretrainConfig {
             transformer_config: PathBuf::from("configs/shapes/transformer.json"),
             text_encoder_config: PathBuf::from("configs/shapes/text_encoder.json"),
             tokenizer: PathBuf::from("configs/shapes/tokenizer.json"),
+            codec_config: None,
             init_from: None,
             steps: 3000,
             batch_size: 64,
@@ -96,7 +99,7 @@ impl Default for PretrainConfig {
             max_grad_norm: 1.0,
             caption_dropout: 0.1,
             tag_weights: Default::default(),
-            position_lattice: 1,
+            caption_noise: Default::default(),
             timestep_sampling: TimestepSampling::LogitNormal,
             logit_mean: 0.0,
             logit_std: 1.0,
@@ -161,13 +164,12 @@ impl PretrainConfig {
             self.tag_mix().is_none_or(|w| w.iter().any(|&w| w > 0.0)),
             "pretrain.tag_weights: every tag weighs 0; at least one must be positive".into(),
         );
-        p.need(
-            (1..=8).contains(&self.position_lattice),
-            format!(
-                "pretrain.position_lattice = {} must be between 1 and 8 pixels",
-                self.position_lattice
-            ),
-        );
+        for (k, v) in self.caption_noise.fields() {
+            p.need(
+                (0.0..=1.0).contains(&v),
+                format!("pretrain.caption_noise.{k} = {v} must be a probability in [0, 1]"),
+            );
+        }
         p.need(
             (0.0..1.0).contains(&self.ema_decay),
             format!("pretrain.ema_decay = {} must be in [0, 1)", self.ema_decay),

@@ -10,7 +10,7 @@ use crate::image::Image;
 use crate::model::MMDiT;
 use crate::model::Trainable;
 use crate::pipeline::sd3::Sd3Pipeline;
-use crate::pipeline::shapes::{tensor_to_images, ShapesPipeline};
+use crate::pipeline::shapes::ShapesPipeline;
 use crate::sampling::Conditioning;
 use anyhow::{Context, Result};
 use candle_core::{Device, Tensor};
@@ -80,13 +80,13 @@ impl Pipeline for ShapesPipeline {
         ShapesPipeline::encode(self, prompts)
     }
     fn latent_shape(&self) -> (usize, usize, usize) {
-        self.image_shape()
+        ShapesPipeline::latent_shape(self)
     }
     fn decode(&self, latents: &Tensor) -> Result<Vec<Image>> {
-        tensor_to_images(latents)
+        self.decode_images(latents)
     }
     fn image_size(&self) -> usize {
-        self.transformer.cfg.sample_size
+        ShapesPipeline::image_size(self)
     }
     fn check_prompt(&self, prompt: &str) -> Result<()> {
         self.tokenizer.encode(prompt).map(|_| ())

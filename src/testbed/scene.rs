@@ -1,17 +1,12 @@
 //! Random scenes that satisfy a prompt strictly.
 
 use crate::geneval::{Metadata, POSITION_THRESHOLD};
-use crate::testbed::world::{
-    color_rgb, Scene, Shape, CLASSES, COLORS, GAP, MARGIN, MAX_SHAPES, SHAPE_SIZES, SIZE,
-};
+use crate::testbed::world::{color_rgb, Scene, Shape, CLASSES, COLORS, GRID, MAX_SHAPES};
 use anyhow::{bail, Result};
 use rand::Rng;
 
 /// Whole-scene placement attempts before [`scene_for`] gives up.
 pub const MAX_ATTEMPTS: usize = 2000;
-
-/// Placement tries per shape within one attempt.
-const TRIES_PER_SHAPE: usize = 50;
 
 /// A relation asked for by a position clause must hold with this margin: the normalised revised
 /// offset along the relation's axis (GenEval needs > 0.5) must exceed it. It keeps the relation true
@@ -19,27 +14,15 @@ const TRIES_PER_SHAPE: usize = 50;
 pub const RELATION_MARGIN: f64 = 0.7;
 
 /// A random scene that satisfies `meta` strictly: exactly the objects its include clauses ask for
-/// (no distractors), with the requested colours (random palette colours where none is asked), and
-/// every position clause's relation holding with [`RELATION_MARGIN`] between all objects of the
-/// clause and all objects of its target clause. Sizes come from [`SHAPE_SIZES`]; shapes never
-/// overlap and keep [`GAP`] background pixels between their boxes.
+/// (no distractors), with the requested colours (random palette colours where none is asked), each in
+/// its own cell of the grid ([`Shape::in_cell`]), and every position clause's relation holding with
+/// [`RELATION_MARGIN`] between all objects of the clause and all objects of its target clause.
 ///
 /// Errors for unknown classes or colours, more than [`MAX_SHAPES`] objects, two include clauses of
 /// the same class (the detector could not tell their objects apart, so no image satisfies the
 /// prompt strictly), an exclude clause that contradicts an include clause, or when
 /// [`MAX_ATTEMPTS`] random placements all fail.
 pub fn scene_for(meta: &Metadata, rng: &mut impl Rng) -> Result<Scene> {
-    scene_on_lattice(meta, rng, 1)
-}
-
-/// [`scene_for`] with every shape's bounding box starting on a lattice: its left and top edges at
-/// [`MARGIN`]` + k·lattice` pixels. `lattice = 1` is [`scene_for`] itself (the same random draws);
-/// `lattice = 4`, the shapes model's patch size, puts every shape at the same offset within its
-/// patches, so the model never has to render an edge at one of the other 15 sub-patch offsets.
-pub fn scene_on_lattice(meta: &Metadata, rng: &mut impl Rng, lattice: usize) -> Result<Scene> {
-    if lattice == 0 {
-        bail!("a placement lattice of 0 pixels: it must be at least 1");
-    }
     let mut total = 0usize;
     for (i, inc) in meta.include.iter().enumerate() {
         if !CLASSES.contains(&inc.class.as_str()) {
@@ -103,36 +86,18 @@ pub fn scene_on_lattice(meta: &Metadata, rng: &mut impl Rng, lattice: usize) -> 
     'attempt: for _ in 0..MAX_ATTEMPTS {
         let mut shapes: Vec<Shape> = Vec::with_capacity(total);
         let mut clause_of: Vec<usize> = Vec::with_capacity(total);
+        let mut cells: Vec<usize> = Vec::with_capacity(total);
         for (ci, inc) in meta.include.iter().enumerate() {
             for _ in 0..inc.count {
                 let color = match &inc.color {
                     Some(c) => c.clone(),
                     None => COLORS[rng.random_range(0..COLORS.len())].0.to_string(),
                 };
-                let size = SHAPE_SIZES[rng.random_range(0..SHAPE_SIZES.len())];
-                let mut placed = None;
-                for _ in 0..TRIES_PER_SHAPE {
-                    let max = SIZE - MARGIN - size as usize;
-                    // Lattice 1 draws what `random_range(MARGIN..=max)` drew: the draw depends only
-                    // on the range's length.
-                    let k = (max - MARGIN) / lattice;
-                    let x0 = MARGIN + lattice * rng.random_range(0..=k);
-                    let y0 = MARGIN + lattice * rng.random_range(0..=k);
-                    let s = Shape {
-                        class: inc.class.clone(),
-                        color: color.clone(),
-                        cx: x0 as f32 + size as f32 / 2.0,
-                        cy: y0 as f32 + size as f32 / 2.0,
-                        size,
-                    };
-                    if shapes.iter().all(|o| apart(&o.bbox(), &s.bbox())) {
-                        placed = Some(s);
-                        break;
-                    }
-                }
-                let Some(s) = placed else {
-                    continue 'attempt;
-                };
+                // A free cell: `cells` holds the ones taken (at most MAX_SHAPES < GRID²).
+                let free: Vec<usize> = (0..GRID * GRID).filter(|c| !cells.contains(c)).collect();
+                let cell = free[rng.random_range(0..free.len())];
+                cells.push(cell);
+                let s = Shape::in_cell(&inc.class, &color, cell % GRID, cell / GRID);
                 shapes.push(s);
                 clause_of.push(ci);
             }
@@ -155,12 +120,6 @@ pub fn scene_on_lattice(meta: &Metadata, rng: &mut impl Rng, lattice: usize) -> 
         "{:?}: no scene found in {MAX_ATTEMPTS} random placements",
         meta.prompt
     )
-}
-
-/// Whether two boxes are at least [`GAP`] pixels apart horizontally or vertically.
-fn apart(a: &[f32; 4], b: &[f32; 4]) -> bool {
-    let g = GAP as f32;
-    a[2] + g <= b[0] || b[2] + g <= a[0] || a[3] + g <= b[1] || b[3] + g <= a[1]
 }
 
 /// How strongly box `a` is `rel` of box `b`: GenEval's normalised revised offset along the
@@ -215,32 +174,31 @@ mod tests {
     }
 
     #[test]
-    fn lattice_scenes_start_on_the_lattice_and_satisfy_the_prompt() {
-        let prompts = crate::testbed::all_prompts();
-        for lattice in [1, 4, 8] {
-            let mut rng = rand::rngs::StdRng::seed_from_u64(3);
-            let mut offsets = std::collections::BTreeSet::new();
-            for m in &prompts {
-                let scene = scene_on_lattice(m, &mut rng, lattice).unwrap();
-                for s in &scene.shapes {
-                    let b = s.bbox();
-                    for v in [b[0], b[1]] {
-                        assert_eq!((v as usize - MARGIN) % lattice, 0, "{lattice}: {b:?}");
-                        offsets.insert(v as usize % 4);
-                    }
-                }
-                let img = scene.render();
+    fn scenes_put_one_shape_per_cell_and_satisfy_the_prompt() {
+        use crate::testbed::world::{CELL, MARGIN, SHAPE_SIZE, SIZE};
+        let mut rng = rand::rngs::StdRng::seed_from_u64(3);
+        let mut used = std::collections::BTreeSet::new();
+        for m in &crate::testbed::all_prompts() {
+            let scene = scene_for(m, &mut rng).unwrap();
+            let mut cells = std::collections::BTreeSet::new();
+            for s in &scene.shapes {
+                let b = s.bbox();
+                assert_eq!(s.size, SHAPE_SIZE);
+                let (x0, y0) = (b[0] as usize, b[1] as usize);
+                assert_eq!((x0 % CELL, y0 % CELL), (MARGIN, MARGIN), "{b:?}");
+                assert!(b[2] as usize <= SIZE && b[3] as usize <= SIZE, "{b:?}");
                 assert!(
-                    crate::testbed::score_image(m, &img).strict,
-                    "{lattice}: {m:?}"
+                    cells.insert((x0 / CELL, y0 / CELL)),
+                    "two shapes in one cell: {scene:?}"
                 );
             }
-            // Lattice 4: one offset within the 4-pixel patches; any pixel: all four.
-            assert_eq!(offsets.len(), if lattice == 1 { 4 } else { 1 });
+            used.extend(cells);
+            assert!(
+                crate::testbed::score_image(m, &scene.render()).strict,
+                "{m:?}"
+            );
         }
-        let mut rng = rand::rngs::StdRng::seed_from_u64(0);
-        let err = scene_on_lattice(&prompts[100], &mut rng, 0).unwrap_err();
-        assert!(format!("{err:#}").contains("at least 1"));
+        assert_eq!(used.len(), GRID * GRID, "every cell is used by some scene");
     }
 
     #[test]

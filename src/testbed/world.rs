@@ -1,18 +1,26 @@
-//! The shapes world itself: image size, classes, palette, background, sizes and spacing, and the
+//! The shapes world itself: image size, the grid of cells, classes, palette, background, and the
 //! [`Scene`] of flat shapes an image shows.
 //!
-//! * classes: [`CLASSES`] (circle, square, triangle pointing up, diamond), sizes [`SHAPE_SIZES`]
+//! * a [`GRID`]×[`GRID`] grid of [`CELL`]-pixel cells, one per patch of the shapes model, so that one
+//!   image token draws one object; a shape fills its cell but for [`MARGIN`] pixels on the top and
+//!   left and [`GAP`]` − MARGIN` on the bottom and right, so that two shapes in neighbouring cells are
+//!   [`GAP`] background pixels apart (a 3×3 blur never joins them, nor mixes their blurred edges);
+//! * classes: [`CLASSES`] (circle, square, triangle pointing up, diamond), all [`SHAPE_SIZE`] pixels
 //!   (odd, so every shape has a centre column and its apex pixel);
 //! * colours: [`COLORS`], GenEval colour names, on [`BACKGROUND`];
-//! * at most [`MAX_SHAPES`] shapes per scene, at least [`GAP`] background pixels apart (so that a
-//!   3×3 blur never joins two of them, nor mixes their blurred edges), [`MARGIN`] pixels inside the
-//!   border.
+//! * at most [`MAX_SHAPES`] shapes per scene.
 
 use crate::image::Image;
 use serde::{Deserialize, Serialize};
 
+/// Cells per image side.
+pub const GRID: usize = 4;
+
+/// Cell side in pixels (the shapes model's patch size).
+pub const CELL: usize = 12;
+
 /// Image side in pixels.
-pub const SIZE: usize = 32;
+pub const SIZE: usize = GRID * CELL;
 
 /// Object classes (GenEval's `class` field).
 pub const CLASSES: [&str; 4] = ["circle", "square", "triangle", "diamond"];
@@ -36,18 +44,19 @@ pub const COLORS: [(&str, [u8; 3]); 7] = [
 /// Plain background colour (dark grey).
 pub const BACKGROUND: [u8; 3] = [32, 32, 32];
 
-/// Shape sizes (bounding-box side in pixels) used by [`scene_for`]. Odd, so that every shape is
-/// symmetric about a pixel column; no 7: a 7-pixel disc is an octagon halfway to a diamond, and a
+/// Shape size (bounding-box side in pixels) used by [`scene_for`]. Odd, so that every shape is
+/// symmetric about a pixel column; not 7: a 7-pixel disc is an octagon halfway to a diamond, and a
 /// 3×3 blur erases too much of a 7-pixel triangle's tip (see `detect`'s tests).
-pub const SHAPE_SIZES: [u32; 3] = [9, 11, 13];
+pub const SHAPE_SIZE: u32 = 9;
 
 /// Most shapes in one scene (counting prompts go up to four).
 pub const MAX_SHAPES: usize = 4;
 
-/// Minimum number of background pixels between the bounding boxes of two shapes.
-pub const GAP: usize = 3;
+/// Background pixels between the bounding boxes of two shapes in neighbouring cells.
+pub const GAP: usize = CELL - SHAPE_SIZE as usize;
 
-/// Minimum distance in pixels of a shape's bounding box from the image border.
+/// Offset in pixels of a shape's bounding box from its cell's top-left corner (and so the least
+/// distance from the image border).
 pub const MARGIN: usize = 1;
 
 /// RGB of a palette colour name.
@@ -61,9 +70,9 @@ pub fn plural(class: &str) -> Option<&'static str> {
 }
 
 /// One flat shape. Its bounding box is the square of side `size` centred at (`cx`, `cy`); a pixel is
-/// painted when its centre lies strictly inside the shape. [`scene_for`] places shapes on the pixel
-/// grid (`cx − size/2` and `cy − size/2` whole numbers), which makes the painted pixels fill that
-/// bounding box exactly.
+/// painted when its centre lies strictly inside the shape. [`scene_for`] places shapes in cells
+/// ([`Shape::in_cell`]) on the pixel grid (`cx − size/2` and `cy − size/2` whole numbers), which makes
+/// the painted pixels fill that bounding box exactly.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Shape {
     pub class: String,
@@ -74,6 +83,18 @@ pub struct Shape {
 }
 
 impl Shape {
+    /// A [`SHAPE_SIZE`] shape in the cell at `col`, `row` (counted from the top-left corner).
+    pub fn in_cell(class: &str, color: &str, col: usize, row: usize) -> Shape {
+        let h = SHAPE_SIZE as f32 / 2.0;
+        Shape {
+            class: class.to_string(),
+            color: color.to_string(),
+            cx: (col * CELL + MARGIN) as f32 + h,
+            cy: (row * CELL + MARGIN) as f32 + h,
+            size: SHAPE_SIZE,
+        }
+    }
+
     /// `[x0, y0, x1, y1]` of the shape's square (pixels, x1/y1 exclusive).
     pub fn bbox(&self) -> [f32; 4] {
         let h = self.size as f32 / 2.0;

@@ -18,10 +18,11 @@ use crate::io::{
 };
 use crate::model::weights::read_safetensors;
 use crate::model::{TransformerConfig, Weights};
+use crate::pipeline::shapes::codec::CellCodec;
 use crate::pipeline::shapes::text::{ShapesTokenizer, TextEncoderConfig};
-use crate::pipeline::shapes::{images_to_tensor, ShapesPipeline};
+use crate::pipeline::shapes::{encode_images, ShapesPipeline};
 use crate::sampling::seeded_randn;
-use crate::testbed::{random_metadata, random_metadata_of, scene_on_lattice};
+use crate::testbed::{loosen, random_metadata, random_metadata_of, scene_for};
 use crate::train::optim::{AdamW, AdamWParams, Shadow};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -66,6 +67,7 @@ impl Batch {
 pub fn make_batch(
     cfg: &Config,
     step: usize,
+    codec: Option<&CellCodec>,
     shape: (usize, usize, usize),
     dev: &Device,
 ) -> Result<Batch> {
@@ -99,12 +101,9 @@ pub fn make_batch(
                 random_metadata_of(crate::geneval::TAGS[k], &mut rng)?
             }
         };
-        let scene = scene_on_lattice(&meta, &mut rng, pt.position_lattice).with_context(|| {
-            format!(
-                "rendering a scene for {:?} (pretrain.position_lattice = {})",
-                meta.prompt, pt.position_lattice
-            )
-        })?;
+        let drawn = loosen(&meta, &pt.caption_noise, &mut rng)?;
+        let scene = scene_for(&drawn, &mut rng)
+            .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
         images.push(scene.render());
         let drop = rng.random::<f64>() < pt.caption_dropout;
         captions.push(if drop { String::new() } else { meta.prompt });
@@ -119,7 +118,7 @@ pub fn make_batch(
     }
     let noise = seeded_randn(&mut rng, (pt.batch_size, shape.0, shape.1, shape.2), dev)?;
     Ok(Batch {
-        x0: images_to_tensor(&images, dev)?,
+        x0: encode_images(codec, &images, dev)?,
         captions,
         sigmas,
         noise,
@@ -167,6 +166,7 @@ struct Inputs {
     tcfg: TransformerConfig,
     ecfg: TextEncoderConfig,
     tokenizer: ShapesTokenizer,
+    codec: Option<CellCodec>,
     test: Vec<Metadata>,
 }
 
@@ -179,12 +179,22 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
         .with_context(|| "pretrain.text_encoder_config".to_string())?;
     let tokenizer = ShapesTokenizer::from_file(&pt.tokenizer, ecfg.max_length)
         .with_context(|| "pretrain.tokenizer".to_string())?;
-    if tcfg.sample_size != cfg.model.resolution {
+    let codec = pt
+        .codec_config
+        .as_ref()
+        .map(|p| CellCodec::from_file(p).context("pretrain.codec_config"))
+        .transpose()?;
+    let cell = codec.as_ref().map_or(1, |c| c.cfg.cell);
+    if tcfg.sample_size * cell != cfg.model.resolution {
         bail!(
-            "model.resolution = {} but {} has sample_size = {} (the shapes model works on pixels)",
+            "model.resolution = {} but {} has sample_size = {} ({})",
             cfg.model.resolution,
             pt.transformer_config.display(),
-            tcfg.sample_size
+            tcfg.sample_size,
+            match &codec {
+                Some(_) => format!("latent pixels of {cell}-pixel cells"),
+                None => "pixels".to_string(),
+            }
         );
     }
     let test_path = cfg
@@ -198,24 +208,19 @@ fn check_inputs(cfg: &Config) -> Result<Inputs> {
             .encode(&m.prompt)
             .with_context(|| format!("test prompt in {}", test_path.display()))?;
     }
-    // A lattice too coarse for four shapes fails here, not hours into the run.
-    if pt.position_lattice > 1 {
-        let mut rng = rand::rngs::StdRng::seed_from_u64(cfg.run.seed);
-        for m in &test {
-            scene_on_lattice(m, &mut rng, pt.position_lattice).with_context(|| {
-                format!(
-                    "pretrain.position_lattice = {}: no scene for the test prompt {:?} of {}",
-                    pt.position_lattice,
-                    m.prompt,
-                    test_path.display()
-                )
-            })?;
-        }
+    if cfg.model.resolution != crate::testbed::SIZE {
+        bail!(
+            "model.resolution = {}: the shapes world renders {}×{} scenes",
+            cfg.model.resolution,
+            crate::testbed::SIZE,
+            crate::testbed::SIZE
+        );
     }
     Ok(Inputs {
         tcfg,
         ecfg,
         tokenizer,
+        codec,
         test,
     })
 }
@@ -262,6 +267,12 @@ fn init_from_pipeline(
         ShapesPipeline::load(dir, &crate::model::Trainable::Full, dev).context(what.clone())?;
     same_config(&what, "transformer", &src.transformer.cfg, &inputs.tcfg)?;
     same_config(&what, "text_encoder", &src.text.cfg, &inputs.ecfg)?;
+    same_config(
+        &what,
+        "codec",
+        &src.codec.as_ref().map(|c| &c.cfg),
+        &inputs.codec.as_ref().map(|c| &c.cfg),
+    )?;
     if src.tokenizer.inner().get_vocab(true) != inputs.tokenizer.inner().get_vocab(true) {
         bail!("{what}: its tokenizer's vocabulary differs from pretrain.tokenizer's");
     }
@@ -334,6 +345,7 @@ pub fn run_until(
         &inputs.tcfg,
         &inputs.ecfg,
         inputs.tokenizer.clone(),
+        inputs.codec.clone(),
         cfg.run.seed,
         dev,
     )?;
@@ -408,7 +420,7 @@ pub fn run_until(
         "pretraining the shapes model into {}",
         out.display()
     );
-    let shape = pipe.image_shape();
+    let shape = pipe.latent_shape();
     let t0 = Instant::now();
     let bar = indicatif::ProgressBar::new(pt.steps as u64);
     bar.set_style(
@@ -461,7 +473,7 @@ pub fn run_until(
         Ok(r)
     };
     for step in start..pt.steps {
-        let batch = make_batch(cfg, step, shape, dev)?;
+        let batch = make_batch(cfg, step, pipe.codec.as_ref(), shape, dev)?;
         // One shard of the batch per worker thread; shard losses are weighted so that their sum is
         // the batch mean, and their gradients are summed in shard order.
         let ranges = crate::par::shards(pt.batch_size, workers, 1);
@@ -574,7 +586,7 @@ mod tests {
             .collect();
         (0..steps)
             .flat_map(|s| {
-                make_batch(cfg, s, (3, 32, 32), &Device::Cpu)
+                make_batch(cfg, s, None, (3, 48, 48), &Device::Cpu)
                     .unwrap()
                     .captions
             })

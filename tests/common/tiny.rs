@@ -51,7 +51,7 @@ pub fn setup(dir: &Path) -> Config {
         context_dim: 16,
         pooled_dim: 12,
     };
-    let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, 7, &Device::Cpu).unwrap();
+    let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, None, 7, &Device::Cpu).unwrap();
     pipe.save(&dir.join("base"), &HashMap::new(), candle_core::DType::F32)
         .unwrap();
     let lines = shapes_test_metadata_lines();

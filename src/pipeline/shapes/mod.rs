@@ -9,14 +9,18 @@
 //! text_encoder/model.safetensors
 //! tokenizer/tokenizer.json         tokenizers WordLevel
 //! ```
-//! Images live directly in the model's input space: `in_channels = 3`, RGB scaled to `[-1, 1]` (no VAE).
+//! With a `codec/config.json` ([`codec::CellCodec`]) the model works on latents of one pixel per grid
+//! cell; without one, images live directly in the model's input space: `in_channels = 3`, RGB scaled
+//! to `[-1, 1]`.
 
+pub mod codec;
 pub mod text;
 
 use crate::image::Image;
 use crate::io::{replace_dir, save_safetensors, staging_dir, write_atomic};
 use crate::model::weights::{diffusers_weight_files, read_safetensors};
 use crate::model::{MMDiT, Trainable, TransformerConfig, WeightStore};
+use crate::pipeline::shapes::codec::CellCodec;
 use crate::pipeline::shapes::text::{ShapesTokenizer, TextEncoder, TextEncoderConfig};
 use crate::sampling::Conditioning;
 use anyhow::{bail, Context, Result};
@@ -30,6 +34,8 @@ pub struct ShapesPipeline {
     pub tokenizer: ShapesTokenizer,
     pub text: TextEncoder,
     pub transformer: MMDiT,
+    /// The latent space, when not pixels.
+    pub codec: Option<CellCodec>,
 }
 
 /// Is `dir` a shapes pipeline folder?
@@ -45,10 +51,11 @@ impl ShapesPipeline {
         tcfg: &TransformerConfig,
         ecfg: &TextEncoderConfig,
         tokenizer: ShapesTokenizer,
+        codec: Option<CellCodec>,
         seed: u64,
         dev: &Device,
     ) -> Result<Self> {
-        check_fit(tcfg, ecfg, &tokenizer)?;
+        check_fit(tcfg, ecfg, &tokenizer, codec.as_ref())?;
         let w = crate::model::init::init_weights(tcfg, seed, dev)?;
         let transformer = MMDiT::new(
             tcfg,
@@ -61,6 +68,7 @@ impl ShapesPipeline {
             tokenizer,
             text,
             transformer,
+            codec,
         })
     }
 
@@ -90,11 +98,19 @@ impl ShapesPipeline {
         let text = TextEncoder::from_tensors(&ecfg, et, &efile.display().to_string())?;
         let tokenizer =
             ShapesTokenizer::from_file(&dir.join("tokenizer/tokenizer.json"), ecfg.max_length)?;
-        check_fit(&tcfg, &ecfg, &tokenizer).with_context(|| format!("in {}", dir.display()))?;
+        let cdir = dir.join("codec");
+        let codec = cdir
+            .join("config.json")
+            .exists()
+            .then(|| CellCodec::load(&cdir))
+            .transpose()?;
+        check_fit(&tcfg, &ecfg, &tokenizer, codec.as_ref())
+            .with_context(|| format!("in {}", dir.display()))?;
         Ok(Self {
             tokenizer,
             text,
             transformer,
+            codec,
         })
     }
 
@@ -124,13 +140,20 @@ impl ShapesPipeline {
             std::fs::create_dir_all(parent)?;
         }
         let s = staging_dir(dir)?;
-        let index = serde_json::json!({
+        let mut index = serde_json::json!({
             "_class_name": PIPELINE_CLASS,
             "_dgpo_version": env!("CARGO_PKG_VERSION"),
             "transformer": ["dgpo", "SD3Transformer2DModel"],
             "text_encoder": ["dgpo", crate::pipeline::shapes::text::TEXT_ENCODER_CLASS],
             "tokenizer": ["tokenizers", "WordLevel"],
         });
+        if let Some(c) = &self.codec {
+            index["codec"] = serde_json::json!(["dgpo", codec::CODEC_CLASS]);
+            write_atomic(
+                &s.join("codec/config.json"),
+                serde_json::to_string_pretty(&c.cfg)?.as_bytes(),
+            )?;
+        }
         write_atomic(
             &s.join("model_index.json"),
             serde_json::to_string_pretty(&index)?.as_bytes(),
@@ -177,10 +200,37 @@ impl ShapesPipeline {
             .unwrap_or(Device::Cpu)
     }
 
-    /// `[C, H, W]` of one image.
-    pub fn image_shape(&self) -> (usize, usize, usize) {
+    /// `[C, H, W]` of one latent (of one image when there is no codec).
+    pub fn latent_shape(&self) -> (usize, usize, usize) {
         let c = &self.transformer.cfg;
         (c.in_channels, c.sample_size, c.sample_size)
+    }
+
+    /// Side in pixels of the images the pipeline draws.
+    pub fn image_size(&self) -> usize {
+        let s = self.transformer.cfg.sample_size;
+        self.codec.as_ref().map_or(s, |c| s * c.cfg.cell)
+    }
+
+    /// Images → the model's latents.
+    pub fn encode_images(&self, images: &[Image], dev: &Device) -> Result<Tensor> {
+        encode_images(self.codec.as_ref(), images, dev)
+    }
+
+    /// The model's latents → images.
+    pub fn decode_images(&self, z: &Tensor) -> Result<Vec<Image>> {
+        match &self.codec {
+            Some(c) => c.decode(z),
+            None => tensor_to_images(z),
+        }
+    }
+}
+
+/// Images → latents: through `codec`, or as RGB in `[-1, 1]` without one.
+pub fn encode_images(codec: Option<&CellCodec>, images: &[Image], dev: &Device) -> Result<Tensor> {
+    match codec {
+        Some(c) => c.encode(images, dev),
+        None => images_to_tensor(images, dev),
     }
 }
 
@@ -219,7 +269,12 @@ pub fn write_transformer_folder(
     Ok(())
 }
 
-fn check_fit(t: &TransformerConfig, e: &TextEncoderConfig, tok: &ShapesTokenizer) -> Result<()> {
+fn check_fit(
+    t: &TransformerConfig,
+    e: &TextEncoderConfig,
+    tok: &ShapesTokenizer,
+    codec: Option<&CellCodec>,
+) -> Result<()> {
     if e.context_dim != t.joint_attention_dim || e.pooled_dim != t.pooled_projection_dim {
         bail!(
             "text encoder outputs context {} / pooled {}, the transformer expects \
@@ -237,9 +292,13 @@ fn check_fit(t: &TransformerConfig, e: &TextEncoderConfig, tok: &ShapesTokenizer
             e.vocab_size
         );
     }
-    if t.in_channels != 3 || t.out_channels != 3 {
+    let (want, space) = match codec {
+        Some(c) => (c.channels(), "the cell codec's latents"),
+        None => (3, "RGB"),
+    };
+    if t.in_channels != want || t.out_channels != want {
         bail!(
-            "a shapes transformer works on RGB (in_channels = out_channels = 3), found {} / {}",
+            "a shapes transformer works on {space} (in_channels = out_channels = {want}), found {} / {}",
             t.in_channels,
             t.out_channels
         );
