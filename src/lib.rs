@@ -12,6 +12,7 @@ pub mod model;
 pub mod par;
 pub mod pipeline;
 pub mod prompt_file;
+pub mod report;
 pub mod reward;
 pub mod sampling;
 pub mod testbed;

@@ -69,6 +69,9 @@ enum Command {
         /// change without it.
         #[arg(long = "allow-config-change", value_name = "KEY", requires = "resume")]
         allow_config_change: Vec<String>,
+        /// Write no TensorBoard event files (as run.tensorboard = false).
+        #[arg(long)]
+        no_tensorboard: bool,
     },
     /// Generate evaluation grids and scores from one or several models on the same noise.
     #[command(
@@ -173,6 +176,22 @@ enum Command {
         #[arg(long)]
         grid: Option<PathBuf>,
     },
+    /// Draw report.html (curves, per-tag curves, loss terms, timings, grids, configs) for one run or
+    /// several overlaid; with several, print when each first reaches each GenEval score.
+    #[command(
+        after_help = "Examples:\n  dgpo report runs/shapes\n  dgpo report runs/compare/dgpo runs/compare/flow_grpo --out runs/compare/report.html"
+    )]
+    Report {
+        /// `dgpo train` run folders.
+        #[arg(required = true)]
+        runs: Vec<PathBuf>,
+        /// Output page (default: <run>/report.html for one run, ./report.html for several).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        /// Also write the time-to-score table as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Serve dgpo's in-process rewards over HTTP (JSON protocol: GET /health, POST /compute).
     #[command(
         name = "reward-server",
@@ -252,10 +271,14 @@ fn run(cli: Cli) -> Result<()> {
             out,
             resume,
             allow_config_change,
+            no_tensorboard,
         } => {
             let mut config = Config::load(&cfg.config, &cfg.set)?;
             if let Some(out) = out {
                 config.run.out_dir = out;
+            }
+            if no_tensorboard {
+                config.run.tensorboard = false;
             }
             let transformer = locate_transformer_config(
                 &config.model.pretrained,
@@ -287,6 +310,7 @@ fn run(cli: Cli) -> Result<()> {
             };
             dgpo::train::run_with(&config, &out, &opts, &device)
         }
+        Command::Report { runs, out, json } => dgpo::report::cli(&runs, out, json.as_deref()),
         Command::Sample {
             cfg,
             checkpoints,

@@ -20,6 +20,8 @@ pub struct RunConfig {
     /// Stop after the first epoch that ends past this many minutes of training wall time (checkpoint
     /// and final evaluation as at the last epoch); 0 = no limit. Gives two runs the same time budget.
     pub max_minutes: f64,
+    /// Write TensorBoard event files to `<run>/tb/` as the run goes (`--no-tensorboard` turns it off).
+    pub tensorboard: bool,
 }
 
 impl Default for RunConfig {
@@ -32,6 +34,7 @@ impl Default for RunConfig {
             eval_every: 10,
             keep_checkpoints: 2,
             max_minutes: 0.0,
+            tensorboard: true,
         }
     }
 }

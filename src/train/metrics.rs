@@ -1,12 +1,28 @@
 //! What a run reports: one `metrics.jsonl` row per epoch (`"kind": "train"`) and per evaluation
-//! (`"kind": "eval"`), the same as one line on stdout, evaluation grids, and the progress bars of
-//! an epoch's stages.
+//! (`"kind": "eval"`), the same as one line on stdout and as TensorBoard scalars, evaluation grids,
+//! `report.html`, and the progress bars of an epoch's stages.
 
 use crate::eval::EvalResult;
 use crate::reward::NamedScores;
 use crate::train::dgpo::Advantages;
 use anyhow::Result;
-use std::path::Path;
+use std::path::{Path, PathBuf};
+
+/// Where a run's rows go: `metrics.jsonl`, and the TensorBoard log when the run keeps one.
+pub struct RunLog {
+    pub metrics: PathBuf,
+    pub tb: Option<crate::report::TbLog>,
+}
+
+impl RunLog {
+    fn append(&mut self, row: &serde_json::Value) -> Result<()> {
+        crate::io::append_jsonl(&self.metrics, row)?;
+        if let Some(tb) = &mut self.tb {
+            tb.row(row)?;
+        }
+        Ok(())
+    }
+}
 
 pub fn mean(v: &[f32]) -> f64 {
     if v.is_empty() {
@@ -38,7 +54,7 @@ pub struct At {
 /// Record an evaluation: its row, its grid (`grid` PNG, `per_row` images a row) and its line.
 /// Returns GenEval's overall score when the evaluation has GenEval verdicts.
 pub fn record_eval(
-    metrics: &Path,
+    log: &mut RunLog,
     grid: &Path,
     per_row: usize,
     at: &At,
@@ -58,24 +74,27 @@ pub fn record_eval(
             (k.clone(), acc)
         })
         .collect();
-    crate::io::append_jsonl(
-        metrics,
-        &serde_json::json!({
-            "kind": "eval", "epoch": at.epoch, "opt_step": at.opt_step, "wall_s": at.wall,
-            "eval_reward_mean": sm.reward_mean, "geneval_overall": geneval,
-            "strict_accuracy": r.geneval.then_some(sm.strict_accuracy),
-            "accuracy": r.geneval.then_some(sm.accuracy),
-            "per_tag": per_tag,
-            "eval_s": r.wall_s,
-        }),
-    )?;
+    let row = serde_json::json!({
+        "kind": "eval", "epoch": at.epoch, "opt_step": at.opt_step, "wall_s": at.wall,
+        "unix_s": crate::report::tfevents::unix_now(),
+        "eval_reward_mean": sm.reward_mean, "geneval_overall": geneval,
+        "strict_accuracy": r.geneval.then_some(sm.strict_accuracy),
+        "accuracy": r.geneval.then_some(sm.accuracy),
+        "per_tag": per_tag,
+        "eval_s": r.wall_s,
+    });
+    log.append(&row)?;
     // Large images: the grid shows the first prompts only (at most 64 images).
     let shown = if r.images.first().is_some_and(|im| im.width > 64) {
         r.images.len().min(64)
     } else {
         r.images.len()
     };
-    crate::image::grid(&r.images[..shown], per_row, 1).to_png(grid)?;
+    let png = crate::image::grid(&r.images[..shown], per_row, 1).png_bytes()?;
+    crate::io::write_atomic(grid, &png)?;
+    if let Some(tb) = &mut log.tb {
+        tb.grid(&row, png)?;
+    }
     println!(
         "eval  epoch {:>4}  step {:>4}  {}reward {:.3}  ({:.0} s)",
         at.epoch,
@@ -117,11 +136,12 @@ pub struct EpochReport<'a> {
 }
 
 /// Record an epoch: its `metrics.jsonl` row and its line.
-pub fn record_epoch(metrics: &Path, at: &At, e: &EpochReport) -> Result<()> {
+pub fn record_epoch(log: &mut RunLog, at: &At, e: &EpochReport) -> Result<()> {
     let (tot, passes) = (e.totals, e.passes);
     let rmean = mean(e.reward);
     let mut line = serde_json::json!({
         "kind": "train", "epoch": at.epoch, "opt_step": at.opt_step, "wall_s": at.wall,
+        "unix_s": crate::report::tfevents::unix_now(),
         "reward_mean": rmean, "loss": tot.loss / passes, "policy_loss": tot.policy / passes,
         "kl": tot.kl / passes, "clip_frac": tot.clip / passes, "grad_norm": e.grad_norm,
         "dpo_weight_mean": tot.weight / passes,
@@ -135,7 +155,7 @@ pub fn record_epoch(metrics: &Path, at: &At, e: &EpochReport) -> Result<()> {
     for (k, v) in e.named {
         line[format!("reward/{k}")] = mean(v).into();
     }
-    crate::io::append_jsonl(metrics, &line)?;
+    log.append(&line)?;
     println!(
         "epoch {:>4}  step {:>4}  reward {rmean:.3}  loss {:+.4}  kl {:.4}  clip {:.2}  w {:.2}  |g| {:.3}  zero-std {}/{}  {:.0}+{:.0}+{:.0} s",
         at.epoch,

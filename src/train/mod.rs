@@ -24,7 +24,7 @@ pub use prompts::{epoch_prompts, epoch_prompts_by_tag};
 
 use crate::config::{AdvantageMode, Config};
 use crate::sampling::{Conditioning, Schedule};
-use crate::train::metrics::{final_words, record_epoch, record_eval, At, EpochReport};
+use crate::train::metrics::{final_words, record_epoch, record_eval, At, EpochReport, RunLog};
 use crate::train::objective::MicroBatch;
 use crate::train::optim::TrainState;
 use crate::train::policy::{Policies, Policy};
@@ -95,6 +95,8 @@ struct Trainer<'a> {
     cfg: &'a Config,
     session: Session,
     run: RunDir,
+    /// Where rows go: metrics.jsonl and the TensorBoard log.
+    log: RunLog,
     state: TrainState,
     start_epoch: usize,
     sched: Schedule,
@@ -121,6 +123,15 @@ impl<'a> Trainer<'a> {
             (0, 0.0)
         };
         let empty = session.pipe.encode(&[""])?;
+        let tb = cfg
+            .run
+            .tensorboard
+            .then(|| crate::report::TbLog::open(&run.out, &run.metrics(), &|e| run.grid(e)))
+            .transpose()?;
+        let log = RunLog {
+            metrics: run.metrics(),
+            tb,
+        };
         tracing::info!(
             trainable = session
                 .vars
@@ -139,6 +150,7 @@ impl<'a> Trainer<'a> {
         Ok(Self {
             cfg,
             run,
+            log,
             state,
             start_epoch,
             sched: crate::sampling::schedule(sample.sampler, sample.num_steps, sample.flow_shift),
@@ -248,7 +260,8 @@ impl<'a> Trainer<'a> {
             reward_busy_s: rolled.reward_busy_s,
             update_s: t_upd.elapsed().as_secs_f64(),
         };
-        record_epoch(&self.run.metrics(), &self.at(epoch), &report)
+        let at = self.at(epoch);
+        record_epoch(&mut self.log, &at, &report)
     }
 
     /// Training wall time so far, resumed runs included.
@@ -264,9 +277,9 @@ impl<'a> Trainer<'a> {
         }
     }
 
-    /// Evaluate the slow EMA on the test prompts as of `epoch`; GenEval's overall score when the
-    /// evaluation has GenEval verdicts.
-    fn evaluate_at(&self, at: &At) -> Result<Option<f64>> {
+    /// Evaluate the slow EMA on the test prompts as of `epoch`, then rewrite `report.html`;
+    /// GenEval's overall score when the evaluation has GenEval verdicts.
+    fn evaluate_at(&mut self, at: &At) -> Result<Option<f64>> {
         let s = &self.session;
         let r = Policies::of(&self.state).no_grad(Policy::SlowEma, |w| {
             crate::eval::evaluate_prompts(
@@ -279,18 +292,19 @@ impl<'a> Trainer<'a> {
             )
         })?;
         let per_row = s.eval.images_per_prompt * 4;
-        record_eval(
-            &self.run.metrics(),
-            &self.run.grid(at.epoch),
-            per_row,
-            at,
-            &r,
-        )
+        let score = record_eval(&mut self.log, &self.run.grid(at.epoch), per_row, at, &r)?;
+        // The page is derived from the run folder (`dgpo report` redraws it): a failure is not the run's.
+        let page = self.run.out.join("report.html");
+        if let Err(e) = crate::report::write_report(std::slice::from_ref(&self.run.out), &page) {
+            tracing::warn!("could not write {}: {e:#}", page.display());
+        }
+        Ok(score)
     }
 
     /// The evaluation before `epoch`, noting the first that reaches 0.8.
     fn evaluate(&mut self, epoch: usize) -> Result<()> {
-        let score = self.evaluate_at(&self.at(epoch))?.unwrap_or(0.0);
+        let at = self.at(epoch);
+        let score = self.evaluate_at(&at)?.unwrap_or(0.0);
         if score >= 0.8 && self.first_above.is_none() {
             self.first_above = Some(epoch);
         }
@@ -348,7 +362,7 @@ impl<'a> Trainer<'a> {
     }
 
     /// The final evaluation after the last epoch.
-    fn finish(&self) -> Result<()> {
+    fn finish(&mut self) -> Result<()> {
         let end = self.at(self.cfg.run.num_epochs);
         let final_score = self.evaluate_at(&end)?;
         println!(

@@ -140,6 +140,11 @@ pub fn read_trained(
     Ok(tensors)
 }
 
+/// The evaluation grid of `epoch` in the run folder `out`.
+pub fn grid_path(out: &Path, epoch: usize) -> PathBuf {
+    out.join(format!("grids/eval-epoch-{epoch:05}.png"))
+}
+
 /// The run folder of one `dgpo train`.
 pub struct RunDir {
     pub out: PathBuf,
@@ -216,7 +221,7 @@ impl RunDir {
     }
 
     pub fn grid(&self, epoch: usize) -> PathBuf {
-        self.out.join(format!("grids/eval-epoch-{epoch:05}.png"))
+        grid_path(&self.out, epoch)
     }
 
     fn checkpoints_dir(&self) -> PathBuf {
@@ -343,8 +348,9 @@ fn remove_any(p: &Path) -> Result<()> {
 /// evaluates and saves, where reward servers are and how they are called, the embedding cache and
 /// the update's memory knobs (same gradient, up to summation order).
 fn safe_to_change(key: &str) -> bool {
-    const SAFE: [&str; 10] = [
+    const SAFE: [&str; 11] = [
         "run.out_dir",
+        "run.tensorboard",
         "run.num_epochs",
         "run.max_minutes",
         "run.eval_every",
