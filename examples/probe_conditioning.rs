@@ -33,7 +33,9 @@ fn mean_sq(t: &Tensor) -> Result<f32> {
 }
 
 fn main() -> Result<()> {
-    let dir = std::env::args().nth(1).context("usage: probe_conditioning PIPELINE_DIR")?;
+    let dir = std::env::args()
+        .nth(1)
+        .context("usage: probe_conditioning PIPELINE_DIR")?;
     let dev = Device::Cpu;
     let pipe = ShapesPipeline::load(std::path::Path::new(&dir), &Trainable::None, &dev)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
@@ -60,8 +62,14 @@ fn main() -> Result<()> {
 /// 1: per-token distance of the context between two prompts that differ in one respect.
 fn text_separation(pipe: &ShapesPipeline, dev: &Device) -> Result<()> {
     let pairs = [
-        ("a photo of a circle left of a square", "a photo of a circle right of a square"),
-        ("a photo of a circle left of a square", "a photo of a square left of a circle"),
+        (
+            "a photo of a circle left of a square",
+            "a photo of a circle right of a square",
+        ),
+        (
+            "a photo of a circle left of a square",
+            "a photo of a square left of a circle",
+        ),
         ("a photo of a red circle", "a photo of a blue circle"),
     ];
     println!("text encoder: |context(a) - context(b)| per token (norm of a's context)");
@@ -88,7 +96,8 @@ fn caption_losses(
     let n = metas.len();
     let encode = |caps: &[String]| -> Result<(Tensor, Tensor)> {
         let p: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
-        pipe.text.forward(&pipe.tokenizer.encode_batch(&p, dev)?, false)
+        pipe.text
+            .forward(&pipe.tokenizer.encode_batch(&p, dev)?, false)
     };
     let correct: Vec<String> = metas.iter().map(|m| m.prompt.clone()).collect();
     let swap: Vec<String> = metas
@@ -117,7 +126,9 @@ fn caption_losses(
         let t = Tensor::full(sigma as f32 * 1000.0, n, dev)?;
         let mut row = format!("  σ {sigma:.2}");
         for (name, (ctx, pooled)) in &variants {
-            let v = pipe.transformer.forward(&xt, &t, ctx, pooled, Weights::Policy)?;
+            let v = pipe
+                .transformer
+                .forward(&xt, &t, ctx, pooled, Weights::Policy)?;
             row += &format!("  {name} {:.4}", mean_sq(&(v - &target)?)?);
         }
         println!("{row}");
@@ -134,7 +145,9 @@ fn flip_equivariance(
     dev: &Device,
 ) -> Result<()> {
     let caps: Vec<&str> = metas.iter().map(|m| m.prompt.as_str()).collect();
-    let (ctx, pooled) = pipe.text.forward(&pipe.tokenizer.encode_batch(&caps, dev)?, false)?;
+    let (ctx, pooled) = pipe
+        .text
+        .forward(&pipe.tokenizer.encode_batch(&caps, dev)?, false)?;
     let w = x0.dims4()?.3 as u32;
     let idx = Tensor::new((0..w).rev().collect::<Vec<u32>>(), dev)?;
     let flip = |x: &Tensor| x.index_select(&idx, 3);
@@ -142,8 +155,12 @@ fn flip_equivariance(
     for sigma in [0.98f64, 0.9, 0.7] {
         let xt = ((x0 * (1.0 - sigma))? + (noise * sigma)?)?;
         let t = Tensor::full(sigma as f32 * 1000.0, metas.len(), dev)?;
-        let v = pipe.transformer.forward(&xt, &t, &ctx, &pooled, Weights::Policy)?;
-        let vf = pipe.transformer.forward(&flip(&xt)?, &t, &ctx, &pooled, Weights::Policy)?;
+        let v = pipe
+            .transformer
+            .forward(&xt, &t, &ctx, &pooled, Weights::Policy)?;
+        let vf = pipe
+            .transformer
+            .forward(&flip(&xt)?, &t, &ctx, &pooled, Weights::Policy)?;
         let d = mean_sq(&(flip(&v)? - vf)?)?;
         println!("  σ {sigma:.2}: {:.2e}", d / mean_sq(&v)?);
     }

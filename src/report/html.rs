@@ -3,7 +3,7 @@
 //! first and latest evaluation grids with their prompts, and each run's resolved config.
 
 use super::plot::{colour, line_chart, Series};
-use super::{read_rows, scalars, step_of};
+use super::rows::{read_rows, scalars, step_of};
 use anyhow::{bail, Result};
 use base64::Engine;
 use serde_json::Value;
