@@ -93,6 +93,28 @@ impl Image {
             .with_context(|| format!("writing PNG {}", path.display()))
     }
 
+    /// Shrunk by the whole factor `k` (the mean of each `k × k` block; a partial last block is dropped).
+    pub fn downscale(&self, k: usize) -> Image {
+        let k = k.max(1);
+        let (w, h) = ((self.width / k).max(1), (self.height / k).max(1));
+        let mut out = Image::new(w, h, [0, 0, 0]);
+        for y in 0..h {
+            for x in 0..w {
+                let mut sum = [0u32; 3];
+                let mut n = 0u32;
+                for yy in y * k..((y + 1) * k).min(self.height) {
+                    for xx in x * k..((x + 1) * k).min(self.width) {
+                        let p = self.pixel(xx, yy);
+                        (0..3).for_each(|c| sum[c] += p[c] as u32);
+                        n += 1;
+                    }
+                }
+                out.set_pixel(x, y, sum.map(|v| (v / n.max(1)) as u8));
+            }
+        }
+        out
+    }
+
     /// 3×3 box blur; at the border the mean is over the neighbours inside the image.
     pub fn box_blur3(&self) -> Image {
         let mut out = self.clone();
