@@ -155,6 +155,20 @@ fn gaussian(rng: &mut impl Rng) -> f32 {
 }
 
 /// Tile `images` row by row, `cols` per row (at least 1), with `pad` black pixels between and around
+/// A PNG for viewing: as is when at most `max_width` wide (or not decodable), else shrunk by the
+/// smallest whole factor that fits.
+pub fn png_at_most(png: Vec<u8>, max_width: usize) -> Vec<u8> {
+    let Ok(im) = Image::from_png_bytes(&png) else {
+        return png;
+    };
+    if im.width <= max_width {
+        return png;
+    }
+    im.downscale(im.width.div_ceil(max_width.max(1)))
+        .png_bytes()
+        .unwrap_or(png)
+}
+
 /// the tiles. Cells take the largest width and height among the images.
 pub fn grid(images: &[Image], cols: usize, pad: usize) -> Image {
     let cols = cols.max(1).min(images.len().max(1));
@@ -234,5 +248,17 @@ mod tests {
         let info = reader.next_frame(&mut buf).unwrap();
         assert_eq!(&buf[..info.buffer_size()], &img.data[..]);
         std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn wide_pngs_are_shrunk_for_viewing() {
+        let mut im = Image::new(4100, 2, [10, 20, 30]);
+        im.set_pixel(0, 0, [250, 250, 250]);
+        let out = Image::from_png_bytes(&png_at_most(im.png_bytes().unwrap(), 2048)).unwrap();
+        assert_eq!((out.width, out.height), (1366, 1));
+        // The first block is 3 × 2 pixels, one of them bright: (250 + 5 × 10) / 6 = 50, …
+        assert_eq!(out.pixel(0, 0), [50, 58, 66]);
+        let small = Image::new(64, 8, [1, 2, 3]).png_bytes().unwrap();
+        assert_eq!(png_at_most(small.clone(), 2048), small);
     }
 }

@@ -16,6 +16,9 @@ pub const TARGETS: [f64; 6] = [0.5, 0.6, 0.7, 0.8, 0.85, 0.9];
 
 const CHART: (u32, u32) = (440, 270);
 
+/// Widest grid embedded as is; wider ones (SD3.5's 1024-px images) are shrunk by a whole factor.
+pub const MAX_GRID_WIDTH: usize = 2048;
+
 /// What the page shows of one run folder.
 pub struct RunData {
     pub name: String,
@@ -406,7 +409,7 @@ fn grids(out: &mut String, runs: &[RunData]) -> Result<()> {
         )?;
         for e in shown {
             let p = crate::train::run_dir::grid_path(&r.dir, e as usize);
-            match std::fs::read(&p).map(for_page) {
+            match std::fs::read(&p).map(|png| crate::image::png_at_most(png, MAX_GRID_WIDTH)) {
                 Ok(png) => writeln!(
                     out,
                     "<figure><img alt='evaluation grid, epoch {e}' src='data:image/png;base64,{}'><figcaption>epoch {e}</figcaption></figure>",
@@ -428,23 +431,6 @@ fn grids(out: &mut String, runs: &[RunData]) -> Result<()> {
     Ok(())
 }
 
-/// Widest grid embedded as is; wider ones (SD3.5's 1024-px images) are shrunk by a whole factor.
-const MAX_GRID_WIDTH: usize = 2048;
-
-/// The grid PNG as the page embeds it: shrunk when wider than [`MAX_GRID_WIDTH`] (and as is when it
-/// cannot be decoded, so the page still shows what there is).
-fn for_page(png: Vec<u8>) -> Vec<u8> {
-    let Ok(im) = crate::image::Image::from_png_bytes(&png) else {
-        return png;
-    };
-    if im.width <= MAX_GRID_WIDTH {
-        return png;
-    }
-    im.downscale(im.width.div_ceil(MAX_GRID_WIDTH))
-        .png_bytes()
-        .unwrap_or(png)
-}
-
 const STYLE: &str = "body{font-family:sans-serif;margin:1.5em;color:#222}\
 table{border-collapse:collapse;margin:.5em 0}td,th{border:1px solid #ccc;padding:3px 8px;text-align:left}\
 .charts{display:flex;flex-wrap:wrap;gap:6px}.chart svg{display:block}\
@@ -454,20 +440,6 @@ img{image-rendering:pixelated;max-width:100%}pre{background:#f6f6f6;padding:8px;
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn wide_grids_are_shrunk_for_the_page() {
-        let mut im = crate::image::Image::new(4100, 2, [10, 20, 30]);
-        im.set_pixel(0, 0, [250, 250, 250]);
-        let out = crate::image::Image::from_png_bytes(&for_page(im.png_bytes().unwrap())).unwrap();
-        assert_eq!((out.width, out.height), (1366, 1));
-        // The first block is 3 × 2 pixels, one of them bright: (250 + 5 × 10) / 6 = 50, …
-        assert_eq!(out.pixel(0, 0), [50, 58, 66]);
-        let small = crate::image::Image::new(64, 8, [1, 2, 3])
-            .png_bytes()
-            .unwrap();
-        assert_eq!(for_page(small.clone()), small);
-    }
 
     #[test]
     fn smoothing_is_a_trailing_mean() {

@@ -49,6 +49,7 @@ impl TbLog {
 
     /// An evaluation's grid (PNG bytes) as the image `eval/grid` at the row's step.
     pub fn grid(&mut self, row: &Value, png: Vec<u8>) -> Result<()> {
+        let png = crate::image::png_at_most(png, super::html::MAX_GRID_WIDTH);
         let size = png_size(&png).context("an evaluation grid that is not a PNG")?;
         self.writer
             .image(step_of(row), wall_of(row), "eval/grid", png, size)
