@@ -19,6 +19,13 @@ use rand::SeedableRng;
 const RELATIONS: [&str; 4] = ["left of", "right of", "above", "below"];
 const CLASSES: [&str; 4] = ["circle", "square", "diamond", "triangle"];
 
+/// True position scenes, their latents and the noise they are probed with.
+struct Scenes {
+    metas: Vec<dgpo::geneval::Metadata>,
+    x0: Tensor,
+    noise: Tensor,
+}
+
 fn swapped(rel: &str) -> &'static str {
     match rel {
         "left of" => "right of",
@@ -54,8 +61,9 @@ fn main() -> Result<()> {
         .collect::<Result<_>>()?;
     let x0 = encode_images(pipe.codec.as_ref(), &images, &dev)?;
     let noise = dgpo::sampling::seeded_randn(&mut rng, x0.dims4()?, &dev)?;
-    caption_losses(&pipe, &metas, &x0, &noise, &dev)?;
-    flip_equivariance(&pipe, &metas, &x0, &noise, &dev)?;
+    let sc = Scenes { metas, x0, noise };
+    caption_losses(&pipe, &sc, &dev)?;
+    flip_equivariance(&pipe, &sc, &dev)?;
     relation_gain(&pipe, &mut rng, &dev)
 }
 
@@ -86,13 +94,8 @@ fn text_separation(pipe: &ShapesPipeline, dev: &Device) -> Result<()> {
 }
 
 /// 2: the loss with each caption variant at fixed σ.
-fn caption_losses(
-    pipe: &ShapesPipeline,
-    metas: &[dgpo::geneval::Metadata],
-    x0: &Tensor,
-    noise: &Tensor,
-    dev: &Device,
-) -> Result<()> {
+fn caption_losses(pipe: &ShapesPipeline, sc: &Scenes, dev: &Device) -> Result<()> {
+    let (metas, x0, noise) = (&sc.metas, &sc.x0, &sc.noise);
     let n = metas.len();
     let encode = |caps: &[String]| -> Result<(Tensor, Tensor)> {
         let p: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
@@ -137,13 +140,8 @@ fn caption_losses(
 }
 
 /// 3: v(flip(x_t)) against flip(v(x_t)), relative to |v|².
-fn flip_equivariance(
-    pipe: &ShapesPipeline,
-    metas: &[dgpo::geneval::Metadata],
-    x0: &Tensor,
-    noise: &Tensor,
-    dev: &Device,
-) -> Result<()> {
+fn flip_equivariance(pipe: &ShapesPipeline, sc: &Scenes, dev: &Device) -> Result<()> {
+    let (metas, x0, noise) = (&sc.metas, &sc.x0, &sc.noise);
     let caps: Vec<&str> = metas.iter().map(|m| m.prompt.as_str()).collect();
     let (ctx, pooled) = pipe
         .text
