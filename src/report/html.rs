@@ -352,7 +352,7 @@ pub fn targets_text(runs: &[RunData], table: &Value) -> String {
     }
     out += "\n";
     for row in table.as_array().into_iter().flatten() {
-        out += &format!("{:>18}", row["target"]);
+        out += &format!("{:>18}", row["target"].to_string());
         for r in runs {
             out += &format!(" {:>22}", cell(&row["runs"][&r.name]));
         }
