@@ -2,7 +2,7 @@
 
 use anyhow::{Context, Result};
 use clap::{Args, Parser, Subcommand};
-use dgpo::config::Config;
+use dgpo::config::{Config, Purpose};
 use dgpo::train::plan::{locate_transformer_config, Plan};
 use std::path::PathBuf;
 
@@ -326,7 +326,7 @@ fn run(cli: Cli) -> Result<()> {
             noise,
             out,
         } => {
-            let config = Config::load(&cfg.config, &cfg.set)?;
+            let config = Config::load_for(&cfg.config, &cfg.set, Purpose::Sample)?;
             let out = out.unwrap_or_else(|| config.run.out_dir.join("samples"));
             let mut a = dgpo::cli::sample::SampleArgs::from_config(&config, out);
             a.checkpoints = checkpoints;
@@ -381,7 +381,7 @@ fn run(cli: Cli) -> Result<()> {
             json,
             grid,
         } => {
-            let config = Config::load(&cfg.config, &cfg.set)?;
+            let config = Config::load_for(&cfg.config, &cfg.set, Purpose::Sample)?;
             dgpo::cli::eval::run_cli(
                 &config,
                 checkpoint.as_deref(),

@@ -178,3 +178,32 @@ fn dry_run_finds_a_hub_model_in_the_local_cache_without_network() {
     );
     assert!(stdout.contains("parameters"), "{stdout}");
 }
+
+#[test]
+fn sample_ignores_training_rules_and_warns_once_without_rewards() {
+    let out = std::env::temp_dir().join(format!("dgpo-cli-sample-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let (code, _, err) = dgpo(&[
+        "sample",
+        "-c",
+        "configs/shapes.toml",
+        "--set",
+        "train.trunc_steps=10",
+        "--set",
+        "reward=[]",
+        "--prompt",
+        "a photo of a red circle",
+        "--images-per-prompt",
+        "1",
+        "--steps",
+        "2",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.join("grid.png").is_file(), "{err}");
+    assert_eq!(err.matches("no reward scores").count(), 1, "{err}");
+    assert!(err.contains("no [[reward]] in the config"), "{err}");
+    assert!(!err.contains("GenEval metadata"), "{err}");
+    let _ = std::fs::remove_dir_all(&out);
+}

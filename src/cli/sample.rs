@@ -282,7 +282,7 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
     {
         Ok(r) => Some(r),
         Err(e) => {
-            tracing::warn!("no reward scores: {e:#}");
+            tracing::warn!("no reward scores (the images are still written): {e:#}");
             None
         }
     };
@@ -379,7 +379,9 @@ pub fn run(cfg: &Config, a: &SampleArgs, dev: &Device) -> Result<Vec<ModelSummar
             Some(r) if all_meta || !cfg.reward.iter().any(|c| c.kind == "shapes_geneval") => {
                 Some(r.score(&images, &texts, &metas)?)
             }
-            _ => {
+            // Rewards that could not be built were reported once, above.
+            None => None,
+            Some(_) => {
                 if !warned {
                     tracing::warn!(
                         "no reward scores: the configured rewards need GenEval metadata for every \

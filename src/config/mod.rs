@@ -41,15 +41,30 @@ pub struct Config {
 }
 
 impl Config {
-    /// Read `path`, apply `overrides` (`key.path=value`), validate.
+    /// Read `path`, apply `overrides` (`key.path=value`), validate for training.
     pub fn load(path: &Path, overrides: &[String]) -> Result<Self> {
-        let text = std::fs::read_to_string(path)
-            .with_context(|| format!("reading config file {}", path.display()))?;
-        Self::from_toml(&text, &path.display().to_string(), overrides)
+        Self::load_for(path, overrides, Purpose::Train)
     }
 
-    /// Parse TOML text (`origin` names it in errors), apply overrides, validate.
+    /// Read `path`, apply `overrides`, validate what `purpose` uses.
+    pub fn load_for(path: &Path, overrides: &[String], purpose: Purpose) -> Result<Self> {
+        let text = std::fs::read_to_string(path)
+            .with_context(|| format!("reading config file {}", path.display()))?;
+        Self::from_toml_for(&text, &path.display().to_string(), overrides, purpose)
+    }
+
+    /// Parse TOML text (`origin` names it in errors), apply overrides, validate for training.
     pub fn from_toml(text: &str, origin: &str, overrides: &[String]) -> Result<Self> {
+        Self::from_toml_for(text, origin, overrides, Purpose::Train)
+    }
+
+    /// Parse TOML text, apply overrides, validate what `purpose` uses.
+    pub fn from_toml_for(
+        text: &str,
+        origin: &str,
+        overrides: &[String],
+        purpose: Purpose,
+    ) -> Result<Self> {
         // Parsing the text itself first gives errors with the line and the offending key.
         let cfg: Config =
             toml::from_str(text).map_err(|e| anyhow!("in config file {origin}: {e}"))?;
@@ -70,7 +85,7 @@ impl Config {
                     )
                 })?
         };
-        let problems = cfg.problems();
+        let problems = cfg.problems_for(purpose);
         if !problems.is_empty() {
             bail!(
                 "{origin}: {} invalid setting{}:\n  - {}",
@@ -82,11 +97,43 @@ impl Config {
         Ok(cfg)
     }
 
-    /// Every rejected value, explained in the config's own terms.
+    /// Every rejected value of a training run, explained in the config's own terms.
     pub fn problems(&self) -> Vec<String> {
+        self.problems_for(Purpose::Train)
+    }
+
+    /// Every rejected value among the settings `purpose` uses.
+    pub fn problems_for(&self, purpose: Purpose) -> Vec<String> {
         let mut p = Problems::default();
+        self.sample.check_eval(&mut p);
+        self.lora.check(&mut p);
+        self.model.check(&mut p);
+        for (i, rw) in self.reward.iter().enumerate() {
+            rw.check(i, &mut p);
+        }
+        if purpose == Purpose::Train {
+            self.training_problems(&mut p);
+        }
+        // Every float must be finite: `inf` and `nan` parse as TOML floats but no setting means them.
+        for (key, v) in self.leaves().unwrap_or_default() {
+            if purpose == Purpose::Sample && TRAINING_ONLY.iter().any(|s| key.starts_with(s)) {
+                continue;
+            }
+            let floats = match &v {
+                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_float()).collect(),
+                other => other.as_float().into_iter().collect::<Vec<_>>(),
+            };
+            if let Some(x) = floats.iter().find(|x| !x.is_finite()) {
+                p.need(false, format!("{key} = {x} is not a finite number"));
+            }
+        }
+        p.0
+    }
+
+    /// The checks of what only training uses: rollouts, the update, the run's cadence, pretraining.
+    fn training_problems(&self, p: &mut Problems) {
         let (s, t) = (&self.sample, &self.train);
-        s.check(&mut p);
+        s.check_rollouts(p);
         p.need(
             t.batch_size > 0 && t.batch_size.is_multiple_of(s.group_size.max(1)),
             format!(
@@ -94,7 +141,7 @@ impl Config {
                 s.group_size, t.batch_size
             ),
         );
-        let per_epoch = s.batch_size * s.num_batches_per_epoch;
+        let per_epoch = s.batch_size.saturating_mul(s.num_batches_per_epoch);
         p.need(
             t.batch_size == 0 || per_epoch.is_multiple_of(t.batch_size.max(1)),
             format!(
@@ -110,14 +157,14 @@ impl Config {
             ),
         );
         p.need(
-            (1..=t.trunc_steps + 1).contains(&t.num_train_timesteps),
+            (1..=t.trunc_steps.saturating_add(1)).contains(&t.num_train_timesteps),
             format!(
                 "train.num_train_timesteps = {} must be between 1 and train.trunc_steps + 1 = {} (distinct step indices)",
                 t.num_train_timesteps,
-                t.trunc_steps + 1
+                t.trunc_steps.saturating_add(1)
             ),
         );
-        t.check(&mut p);
+        t.check(p);
         if t.algorithm == Algorithm::FlowGrpo {
             p.need(
                 s.sampler == Sampler::Euler,
@@ -126,24 +173,8 @@ impl Config {
                     .into(),
             );
         }
-        self.lora.check(&mut p);
-        self.model.check(&mut p);
-        self.pretrain.check(&mut p);
-        self.run.check(&mut p);
-        for (i, rw) in self.reward.iter().enumerate() {
-            rw.check(i, &mut p);
-        }
-        // Every float must be finite: `inf` and `nan` parse as TOML floats but no setting means them.
-        for (key, v) in self.leaves().unwrap_or_default() {
-            let floats = match &v {
-                toml::Value::Array(a) => a.iter().filter_map(|x| x.as_float()).collect(),
-                other => other.as_float().into_iter().collect::<Vec<_>>(),
-            };
-            if let Some(x) = floats.iter().find(|x| !x.is_finite()) {
-                p.need(false, format!("{key} = {x} is not a finite number"));
-            }
-        }
-        p.0
+        self.pretrain.check(p);
+        self.run.check(p);
     }
 
     /// Every setting as `key → value` (`train.learning_rate`, `reward.0.url`, …).
@@ -158,6 +189,19 @@ impl Config {
         toml::to_string_pretty(self).unwrap_or_else(|e| format!("# cannot print config: {e}"))
     }
 }
+
+/// What a command does with the config, and so which of its settings are validated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Purpose {
+    /// `dgpo train` (and pretraining): every setting.
+    Train,
+    /// `dgpo sample` and `dgpo eval`: the model, LoRA shape, evaluation sampling and rewards; the
+    /// rollout, update and run-cadence rules are not checked.
+    Sample,
+}
+
+/// Sections whose settings only training reads (skipped by [`Purpose::Sample`]).
+const TRAINING_ONLY: [&str; 3] = ["train.", "pretrain.", "run."];
 
 /// Every leaf under `key` of a TOML value, into `out`; arrays of tables are indexed (`reward.0.url`),
 /// other arrays are one leaf (`lora.targets`).
@@ -372,6 +416,78 @@ mod tests {
             .to_string();
         assert!(
             e.contains("lora.rank = 100000000") && e.contains("4096"),
+            "{e}"
+        );
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused_naming_key_value_and_limit() {
+        for (set, want) in [
+            ("sample.group_size=100000000", "sample.group_size = 100000000 is above the limit of 65536"),
+            ("sample.batch_size=100000000", "sample.batch_size = 100000000 is above the limit of 65536"),
+            ("sample.num_batches_per_epoch=100000000", "sample.num_batches_per_epoch = 100000000 is above the limit of 65536"),
+            ("sample.num_batches_per_epoch=10000", "sample.batch_size × sample.num_batches_per_epoch = 16 × 10000 images per epoch is above the limit of 65536"),
+            ("sample.eval_batch_size=100000000", "sample.eval_batch_size = 100000000 is above the limit of 65536"),
+            ("sample.eval_images_per_prompt=100000000", "sample.eval_images_per_prompt = 100000000 is above the limit of 65536"),
+            ("sample.num_steps=100000000", "sample.num_steps = 100000000 is above the limit of 1000"),
+            ("sample.eval_num_steps=100000000", "sample.eval_num_steps = 100000000 is above the limit of 1000"),
+            ("train.batch_size=100000000", "train.batch_size = 100000000 is above the limit of 65536"),
+            ("model.resolution=100000000", "model.resolution = 100000000 is above the limit of 8192"),
+            ("model.max_sequence_length=1000000", "model.max_sequence_length = 1000000 is above the limit of 512"),
+        ] {
+            let e = Config::from_toml("", "t", &[set.into()])
+                .unwrap_err()
+                .to_string();
+            assert!(e.contains(want), "{set}: {e}");
+        }
+        // the largest integers TOML holds neither overflow nor pass
+        let e = Config::from_toml(
+            "",
+            "t",
+            &[
+                "sample.batch_size=9223372036854775807".into(),
+                "sample.num_batches_per_epoch=9223372036854775807".into(),
+                "train.trunc_steps=9223372036854775807".into(),
+            ],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("sample.batch_size = 9223372036854775807"), "{e}");
+    }
+
+    #[test]
+    fn resolution_is_not_explained_by_an_sd3_vae_before_the_model_is_known() {
+        // 36 px is a shapes model of 3 cells of 12 px: whether it fits is the model's to say.
+        Config::from_toml("[model]\nresolution = 36\n", "t", &[]).unwrap();
+        let e = Config::from_toml("[model]\nresolution = 0\n", "t", &[])
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("model.resolution") && !e.contains("VAE"), "{e}");
+    }
+
+    #[test]
+    fn sampling_does_not_check_training_only_rules() {
+        let text = "[sample]\nnum_steps = 4\n[train]\ntrunc_steps = 4\nlearning_rate = inf\n\
+                    [run]\nnum_epochs = 0\n";
+        let e = Config::from_toml(text, "t", &[]).unwrap_err().to_string();
+        assert!(
+            e.contains("train.trunc_steps = 4 must be below sample.num_steps = 4"),
+            "{e}"
+        );
+        let c = Config::from_toml_for(text, "t", &[], Purpose::Sample).unwrap();
+        assert_eq!(c.train.trunc_steps, 4);
+        // what sampling uses is still checked
+        let e = Config::from_toml_for(
+            "[sample]\neval_num_steps = 0\nguidance_scale = nan\n",
+            "t",
+            &[],
+            Purpose::Sample,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("sample.eval_num_steps must be at least 1")
+                && e.contains("sample.guidance_scale = NaN is not a finite number"),
             "{e}"
         );
     }

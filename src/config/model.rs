@@ -108,19 +108,37 @@ impl ModelConfig {
             !self.pretrained.is_empty(),
             "model.pretrained is empty: give a folder, a hub id or a .safetensors file".into(),
         );
+        // What the model works at (SD3: its latent side × the VAE's 8; shapes: its cells × the
+        // codec's cell) is checked once the model's config files are read (`train::session`).
         p.need(
-            self.resolution > 0 && self.resolution.is_multiple_of(16),
-            format!(
-                "model.resolution = {} must be a positive multiple of 16 (VAE /8 × patch 2)",
-                self.resolution
-            ),
+            self.resolution > 0,
+            "model.resolution must be a positive number of pixels".into(),
+        );
+        p.at_most(
+            "model.resolution",
+            self.resolution,
+            MAX_RESOLUTION,
+            "no model of the SD3 family or the shapes testbed works above it",
         );
         p.need(
             self.max_sequence_length >= 1,
             "model.max_sequence_length must be at least 1".into(),
         );
+        p.at_most(
+            "model.max_sequence_length",
+            self.max_sequence_length,
+            MAX_T5_TOKENS,
+            "T5 takes at most 512 tokens, as diffusers' SD3 pipelines",
+        );
     }
 }
+
+/// The largest image side accepted before the model is read (SD3.5's positional embedding covers
+/// 192 latent patches × 2 × 8 = 3072 pixels).
+const MAX_RESOLUTION: usize = 8192;
+
+/// The most T5 tokens SD3 pipelines take.
+pub const MAX_T5_TOKENS: usize = 512;
 
 /// The largest LoRA rank accepted (SD3.5-Large's widest projection is 2432 × 9728).
 const MAX_LORA_RANK: usize = 4096;

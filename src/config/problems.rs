@@ -10,4 +10,19 @@ impl Problems {
             self.0.push(msg)
         }
     }
+
+    /// Record that `key = value` is above `limit` (`why` says where the limit comes from).
+    pub(crate) fn at_most(&mut self, key: &str, value: usize, limit: usize, why: &str) {
+        self.need(
+            value <= limit,
+            format!("{key} = {value} is above the limit of {limit} ({why})"),
+        );
+    }
 }
+
+/// Images a rollout batch, an evaluation batch, a group or an epoch may hold: a sanity bound far
+/// past any run that fits in memory (the model-aware memory estimate comes when the model is read).
+pub(crate) const MAX_IMAGES: usize = 65_536;
+
+/// Solver steps of one sampling run: the flow-matching schedule has 1000 training timesteps.
+pub(crate) const MAX_STEPS: usize = 1000;

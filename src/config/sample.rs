@@ -1,6 +1,6 @@
 //! `[sample]`: how rollouts and evaluations sample — solver, steps, CFG, shift, groups and batches.
 
-use super::problems::Problems;
+use super::problems::{Problems, MAX_IMAGES, MAX_STEPS};
 use serde::{Deserialize, Serialize};
 
 /// ODE solver for rollouts.
@@ -58,7 +58,8 @@ impl Default for SampleConfig {
 }
 
 impl SampleConfig {
-    pub(super) fn check(&self, p: &mut Problems) {
+    /// The checks of what training rollouts use: groups, batches, rollout steps.
+    pub(super) fn check_rollouts(&self, p: &mut Problems) {
         p.need(
             self.group_size >= 2,
             format!(
@@ -80,12 +81,41 @@ impl SampleConfig {
             "sample.num_batches_per_epoch must be at least 1".into(),
         );
         p.need(
-            self.eval_batch_size > 0,
-            "sample.eval_batch_size must be at least 1".into(),
-        );
-        p.need(
             self.num_steps >= 1,
             "sample.num_steps must be at least 1".into(),
+        );
+        let bound = "more images than any machine holds at once";
+        p.at_most("sample.group_size", self.group_size, MAX_IMAGES, bound);
+        p.at_most("sample.batch_size", self.batch_size, MAX_IMAGES, bound);
+        p.at_most(
+            "sample.num_batches_per_epoch",
+            self.num_batches_per_epoch,
+            MAX_IMAGES,
+            "an epoch of more images than this is not a training epoch",
+        );
+        p.need(
+            self.batch_size.saturating_mul(self.num_batches_per_epoch) <= MAX_IMAGES
+                || self.batch_size > MAX_IMAGES
+                || self.num_batches_per_epoch > MAX_IMAGES,
+            format!(
+                "sample.batch_size × sample.num_batches_per_epoch = {} × {} images per epoch is above \
+                 the limit of {MAX_IMAGES}",
+                self.batch_size, self.num_batches_per_epoch
+            ),
+        );
+        p.at_most(
+            "sample.num_steps",
+            self.num_steps,
+            MAX_STEPS,
+            "the flow-matching schedule has 1000 timesteps",
+        );
+    }
+
+    /// The checks of what evaluations and `dgpo sample` use: solver steps, CFG, shift, batches.
+    pub(super) fn check_eval(&self, p: &mut Problems) {
+        p.need(
+            self.eval_batch_size > 0,
+            "sample.eval_batch_size must be at least 1".into(),
         );
         p.need(
             self.eval_num_steps >= 1,
@@ -105,6 +135,25 @@ impl SampleConfig {
         p.need(
             self.eval_images_per_prompt >= 1,
             "sample.eval_images_per_prompt must be at least 1".into(),
+        );
+        let bound = "more images than any machine holds at once";
+        p.at_most(
+            "sample.eval_batch_size",
+            self.eval_batch_size,
+            MAX_IMAGES,
+            bound,
+        );
+        p.at_most(
+            "sample.eval_images_per_prompt",
+            self.eval_images_per_prompt,
+            MAX_IMAGES,
+            bound,
+        );
+        p.at_most(
+            "sample.eval_num_steps",
+            self.eval_num_steps,
+            MAX_STEPS,
+            "the flow-matching schedule has 1000 timesteps",
         );
     }
 }

@@ -1,7 +1,7 @@
 //! `[train]`: the update — optimizer, DGPO's β_dpo, β_kl, clip and timestep rule, the EMAs, memory
 //! knobs, and the Flow-GRPO baseline's own settings.
 
-use super::problems::Problems;
+use super::problems::{Problems, MAX_IMAGES};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -165,6 +165,12 @@ impl TrainConfig {
         p.need(
             (0.0..1.0).contains(&self.ema_decay),
             format!("train.ema_decay = {} must be in [0, 1)", self.ema_decay),
+        );
+        p.at_most(
+            "train.batch_size",
+            self.batch_size,
+            MAX_IMAGES,
+            "more images than any machine holds at once",
         );
         p.need(
             self.ema_every >= 1,

@@ -68,6 +68,7 @@ keep_checkpoints = 2
 [model]
 pretrained = "{d}/base"
 resolution = 32
+max_sequence_length = 16
 [lora]
 rank = 4
 alpha = 8.0
