@@ -49,7 +49,30 @@ pub fn save_safetensors(
         .collect::<Result<_>>()?;
     let bytes = safetensors::serialize(contiguous.iter().map(|(k, t)| (k.as_str(), t)), metadata)
         .with_context(|| format!("serialising {}", path.display()))?;
+    let bytes = with_sorted_header(bytes)
+        .with_context(|| format!("serialising {}: rewriting its header", path.display()))?;
     write_atomic(path, &bytes)
+}
+
+/// A serialised safetensors file with its JSON header rewritten in a fixed order — entries by name,
+/// `__metadata__`'s keys sorted — so the same tensors and metadata always give the same bytes (the
+/// metadata comes in a `HashMap`, whose order varies from run to run). The header stays padded with
+/// spaces to a multiple of 8 bytes; the data and its offsets do not move.
+fn with_sorted_header(bytes: Vec<u8>) -> Result<Vec<u8>> {
+    use std::collections::BTreeMap;
+    let n = u64::from_le_bytes(bytes[..8].try_into()?) as usize;
+    let mut header: BTreeMap<String, serde_json::Value> = serde_json::from_slice(&bytes[8..8 + n])?;
+    if let Some(meta) = header.remove("__metadata__") {
+        let sorted: BTreeMap<String, serde_json::Value> = serde_json::from_value(meta)?;
+        header.insert("__metadata__".into(), serde_json::to_value(sorted)?);
+    }
+    let mut text = serde_json::to_string(&header)?.into_bytes();
+    text.resize(text.len().next_multiple_of(8), b' ');
+    let mut out = Vec::with_capacity(8 + text.len() + bytes.len() - 8 - n);
+    out.extend_from_slice(&(text.len() as u64).to_le_bytes());
+    out.extend_from_slice(&text);
+    out.extend_from_slice(&bytes[8 + n..]);
+    Ok(out)
 }
 
 /// Write `tensors` into `dir` as diffusers does: one `<stem>.safetensors` when they fit in
@@ -196,6 +219,58 @@ mod tests {
         }
         let leftovers: Vec<_> = std::fs::read_dir(&d).unwrap().collect();
         assert_eq!(leftovers.len(), 2, "only sub/ and ckpt/ remain");
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
+    #[test]
+    fn same_tensors_and_metadata_give_the_same_bytes_and_still_load() {
+        let d = std::env::temp_dir().join(format!("dgpo-io-st-{}", std::process::id()));
+        let dev = candle_core::Device::Cpu;
+        let tensors = HashMap::from([
+            (
+                "w".to_string(),
+                Tensor::arange(0f32, 6., &dev)
+                    .unwrap()
+                    .reshape((2, 3))
+                    .unwrap(),
+            ),
+            (
+                "b".to_string(),
+                Tensor::ones(5, candle_core::DType::F16, &dev).unwrap(),
+            ),
+        ]);
+        let mut files = vec![];
+        for i in 0..2 {
+            // a fresh HashMap each time: its iteration order changes with its random state
+            let meta: HashMap<String, String> = (0..24)
+                .map(|k| (format!("key{k:02}"), format!("value {k}")))
+                .collect();
+            let f = d.join(format!("{i}.safetensors"));
+            save_safetensors(&f, &tensors, Some(meta)).unwrap();
+            files.push(std::fs::read(&f).unwrap());
+        }
+        assert_eq!(files[0], files[1], "two saves of the same content differ");
+        let bytes = &files[0];
+        let n = u64::from_le_bytes(bytes[..8].try_into().unwrap()) as usize;
+        assert_eq!(n % 8, 0, "header padded to a multiple of 8");
+        let header = std::str::from_utf8(&bytes[8..8 + n]).unwrap();
+        let pos: Vec<usize> = (0..24)
+            .map(|k| header.find(&format!("\"key{k:02}\"")).unwrap())
+            .collect();
+        assert!(
+            pos.windows(2).all(|w| w[0] < w[1]),
+            "metadata sorted: {header}"
+        );
+        let st = safetensors::SafeTensors::deserialize(bytes).unwrap();
+        assert_eq!(st.len(), 2);
+        let (_, meta) = safetensors::SafeTensors::read_metadata(bytes).unwrap();
+        assert_eq!(meta.metadata().as_ref().unwrap()["key07"], "value 7");
+        let back = candle_core::safetensors::load(d.join("0.safetensors"), &dev).unwrap();
+        assert_eq!(
+            back["w"].to_vec2::<f32>().unwrap(),
+            vec![vec![0., 1., 2.], vec![3., 4., 5.]]
+        );
+        assert_eq!(back["b"].dtype(), candle_core::DType::F16);
         std::fs::remove_dir_all(&d).unwrap();
     }
 }
