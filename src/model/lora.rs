@@ -206,7 +206,7 @@ pub fn load_lora(path: &Path, dev: &Device, alpha_if_missing: Option<f64>) -> Re
     } else {
         (path.to_path_buf(), None)
     };
-    let raw = candle_core::safetensors::load(&weights_path, dev)
+    let raw = crate::model::weights::load_safetensors_file(&weights_path, dev)
         .with_context(|| format!("reading LoRA weights {}", weights_path.display()))?;
     let mut a_of: HashMap<String, Tensor> = HashMap::new();
     let mut b_of: HashMap<String, Tensor> = HashMap::new();

@@ -117,8 +117,7 @@ impl WeightStore {
 pub fn read_safetensors(files: &[PathBuf], dev: &Device) -> Result<HashMap<String, Tensor>> {
     let mut out = HashMap::new();
     for f in files {
-        let t = candle_core::safetensors::load(f, dev)
-            .with_context(|| format!("reading safetensors file {}", f.display()))?;
+        let t = load_safetensors_file(f, dev)?;
         for (k, v) in t {
             if out.insert(k.clone(), v).is_some() {
                 bail!("tensor {k} appears twice (again in {})", f.display());
@@ -126,6 +125,72 @@ pub fn read_safetensors(files: &[PathBuf], dev: &Device) -> Result<HashMap<Strin
         }
     }
     Ok(out)
+}
+
+/// The tensors of one safetensors file; a file the reader refuses is explained with the first tensor
+/// whose header entry does not match its data (shape × dtype against its byte range), by name.
+pub fn load_safetensors_file(f: &Path, dev: &Device) -> Result<HashMap<String, Tensor>> {
+    candle_core::safetensors::load(f, dev).map_err(|e| {
+        let what = std::fs::read(f)
+            .ok()
+            .and_then(|bytes| misshapen_tensor(&bytes))
+            .map(|w| format!(": {w}"))
+            .unwrap_or_default();
+        anyhow::anyhow!(e).context(format!("reading safetensors file {}{what}", f.display()))
+    })
+}
+
+/// The first tensor of a safetensors file whose header does not match its data, explained.
+pub fn misshapen_tensor(bytes: &[u8]) -> Option<String> {
+    #[derive(serde::Deserialize)]
+    struct Info {
+        dtype: String,
+        shape: Vec<usize>,
+        data_offsets: (usize, usize),
+    }
+    let n = u64::from_le_bytes(bytes.get(..8)?.try_into().ok()?) as usize;
+    let header = bytes.get(8..8usize.checked_add(n)?)?;
+    let mut entries: BTreeMap<String, serde_json::Value> = serde_json::from_slice(header).ok()?;
+    entries.remove("__metadata__");
+    let data_len = bytes.len() - 8 - n;
+    let mut infos = vec![];
+    for (name, v) in entries {
+        match serde_json::from_value::<Info>(v) {
+            Ok(i) => infos.push((name, i)),
+            Err(e) => return Some(format!("tensor {name:?}: malformed header entry ({e})")),
+        }
+    }
+    for (name, i) in infos {
+        let width = match i.dtype.as_str() {
+            "F64" | "I64" | "U64" => 8,
+            "F32" | "I32" | "U32" => 4,
+            "F16" | "BF16" | "I16" | "U16" => 2,
+            "BOOL" | "U8" | "I8" | "F8_E4M3" | "F8_E5M2" => 1,
+            other => return Some(format!("tensor {name:?}: unknown dtype {other:?}")),
+        };
+        let (start, end) = i.data_offsets;
+        let want = i
+            .shape
+            .iter()
+            .try_fold(width, |a: usize, d| a.checked_mul(*d));
+        if want != end.checked_sub(start) {
+            return Some(format!(
+                "tensor {name:?}: shape {:?} of {} is {} bytes, but its data_offsets [{start}, {end}] \
+                 hold {}",
+                i.shape,
+                i.dtype,
+                want.map_or("too many".to_string(), |w| w.to_string()),
+                end.saturating_sub(start)
+            ));
+        }
+        if end > data_len {
+            return Some(format!(
+                "tensor {name:?}: its data_offsets [{start}, {end}] end past the {data_len} bytes of \
+                 data (a truncated file?)"
+            ));
+        }
+    }
+    None
 }
 
 /// The weight files of a diffusers model folder: `*.safetensors.index.json` with shards, or one file.
@@ -526,6 +591,29 @@ impl WeightSource {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_tensor_whose_shape_does_not_match_its_bytes_is_named() {
+        let d = std::env::temp_dir().join(format!("dgpo-weights-bad-{}", std::process::id()));
+        std::fs::create_dir_all(&d).unwrap();
+        let f = d.join("bad.safetensors");
+        let header = br#"{"fine":{"dtype":"F32","shape":[2],"data_offsets":[0,8]},"blocks.3.weight":{"dtype":"F32","shape":[4,4],"data_offsets":[8,24]}}"#;
+        let mut bytes = (header.len() as u64).to_le_bytes().to_vec();
+        bytes.extend_from_slice(header);
+        bytes.extend_from_slice(&[0u8; 24]);
+        std::fs::write(&f, &bytes).unwrap();
+        let e = format!(
+            "{:#}",
+            read_safetensors(std::slice::from_ref(&f), &Device::Cpu).unwrap_err()
+        );
+        assert!(
+            e.contains("bad.safetensors")
+                && e.contains("tensor \"blocks.3.weight\": shape [4, 4] of F32 is 64 bytes")
+                && e.contains("[8, 24] hold 16"),
+            "{e}"
+        );
+        std::fs::remove_dir_all(&d).unwrap();
+    }
+
     use super::*;
 
     #[test]
