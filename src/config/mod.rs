@@ -143,7 +143,10 @@ impl Config {
         );
         let per_epoch = s.batch_size.saturating_mul(s.num_batches_per_epoch);
         p.need(
-            t.batch_size == 0 || per_epoch.is_multiple_of(t.batch_size.max(1)),
+            // (an epoch too large to count is reported by the bound on its images)
+            t.batch_size == 0
+                || per_epoch == usize::MAX
+                || per_epoch.is_multiple_of(t.batch_size.max(1)),
             format!(
                 "train.batch_size = {} does not divide the {} images of an epoch (sample.batch_size {} × sample.num_batches_per_epoch {})",
                 t.batch_size, per_epoch, s.batch_size, s.num_batches_per_epoch
