@@ -298,19 +298,35 @@ impl RunDir {
         tensors.extend(state.ema.named(vars, EMA));
         std::fs::create_dir_all(self.checkpoints_dir())?;
         let st = staging_dir(&dst)?;
-        save_safetensors(&st.join(TRAIN_STATE), &tensors, None)?;
-        save_trainable_ema(&st.join(TRAINABLE_EMA), epoch, state, vars, cfg)?;
-        let cs = CheckpointState {
-            epoch,
-            opt_step: state.opt.step,
-            wall_s: wall,
-            config: cfg.to_toml(),
-        };
-        write_atomic(
-            &st.join(STATE),
-            serde_json::to_string_pretty(&cs)?.as_bytes(),
-        )?;
-        replace_dir(&st, &dst)?;
+        let staged = (|| -> Result<()> {
+            save_safetensors(&st.join(TRAIN_STATE), &tensors, None)?;
+            save_trainable_ema(&st.join(TRAINABLE_EMA), epoch, state, vars, cfg)?;
+            let cs = CheckpointState {
+                epoch,
+                opt_step: state.opt.step,
+                wall_s: wall,
+                config: cfg.to_toml(),
+            };
+            write_atomic(
+                &st.join(STATE),
+                serde_json::to_string_pretty(&cs)?.as_bytes(),
+            )?;
+            replace_dir(&st, &dst)
+        })();
+        if let Err(e) = staged {
+            // A full disk: give the space of the partial checkpoint back and say what is left.
+            let _ = std::fs::remove_dir_all(&st);
+            let last = checkpoints(&self.out)
+                .ok()
+                .and_then(|all| all.last().map(|(_, d)| d.display().to_string()));
+            return Err(e.context(format!(
+                "saving the checkpoint of epoch {epoch} (nothing of it kept; {})",
+                match last {
+                    Some(d) => format!("the newest complete checkpoint is {d}: --resume from it"),
+                    None => "no complete checkpoint yet".into(),
+                }
+            )));
+        }
         let all = checkpoints(&self.out)?;
         for (_, d) in all.iter().take(all.len().saturating_sub(keep.max(1))) {
             std::fs::remove_dir_all(d).with_context(|| format!("removing old {}", d.display()))?;
