@@ -25,6 +25,8 @@ pub struct RunData {
     pub dir: PathBuf,
     pub rows: Vec<Value>,
     pub config: String,
+    /// `train.algorithm` of the config ("?" when it cannot be read).
+    pub algorithm: String,
     /// Test prompts in grid order (empty when the config's prompt file cannot be read).
     pub prompts: Vec<String>,
     /// Prompts per grid row.
@@ -55,11 +57,16 @@ impl RunData {
             .file_name()
             .map(|n| n.to_string_lossy().to_string())
             .unwrap_or_else(|| dir.display().to_string());
+        let algorithm = cfg
+            .get("train")
+            .and_then(|t| t.get("algorithm")?.as_str().map(String::from))
+            .unwrap_or_else(|| "?".into());
         Ok(Self {
             name,
             dir: dir.to_path_buf(),
             rows,
             config,
+            algorithm,
             prompts,
             // The training loop's grids hold four prompts a row.
             prompts_per_row: 4,
@@ -80,13 +87,6 @@ impl RunData {
                     r["epoch"].as_u64().unwrap_or(0),
                 )
             })
-    }
-
-    fn algorithm(&self) -> String {
-        toml::from_str::<toml::Value>(&self.config)
-            .ok()
-            .and_then(|c| c.get("train")?.get("algorithm")?.as_str().map(String::from))
-            .unwrap_or_else(|| "?".into())
     }
 }
 
@@ -120,20 +120,25 @@ fn smooth(p: &[(f64, f64)], w: usize) -> Vec<(f64, f64)> {
         .collect()
 }
 
+/// The trailing-mean window of a series of `n` points of `tag`: training scalars are noisy epoch
+/// by epoch, so from 80 points on they are averaged over n / 40 (at most 50).
+fn window(tag: &str, n: usize) -> usize {
+    if tag.starts_with("train/") {
+        (n / 40).clamp(1, 50)
+    } else {
+        1
+    }
+}
+
 /// One chart of `tag` with a line per run; `None` when no run has it.
 fn chart(runs: &[RunData], tag: &str, by_minutes: bool) -> Result<Option<String>> {
     let series: Vec<Series> = runs
         .iter()
         .map(|r| {
             let p = points(r, tag, by_minutes);
-            let w = if tag.starts_with("train/") {
-                (p.len() / 40).clamp(1, 50)
-            } else {
-                1
-            };
             Series {
                 name: r.name.clone(),
-                points: smooth(&p, w),
+                points: smooth(&p, window(tag, p.len())),
             }
         })
         .collect();
@@ -143,11 +148,9 @@ fn chart(runs: &[RunData], tag: &str, by_minutes: bool) -> Result<Option<String>
         "optimizer step"
     };
     let n = series.iter().map(|s| s.points.len()).max().unwrap_or(0);
-    let smoothed = tag.starts_with("train/") && n >= 80;
-    let title = if smoothed {
-        format!("{tag} (mean over {} epochs)", (n / 40).clamp(1, 50))
-    } else {
-        tag.to_string()
+    let title = match window(tag, n) {
+        w if w > 1 => format!("{tag} (mean over {w} epochs)"),
+        _ => tag.to_string(),
     };
     line_chart(&title, x, &series, CHART)
 }
@@ -298,7 +301,7 @@ fn summary_table(out: &mut String, runs: &[RunData]) -> Result<()> {
             "<tr><td style='color:{}'><b>{}</b></td><td>{}</td><td>{epochs}</td><td>{wall:.1}</td><td>{}</td><td>{}</td><td>{}</td></tr>",
             css(i),
             esc(&r.name),
-            esc(&r.algorithm()),
+            esc(&r.algorithm),
             f(g.first()),
             f(g.last()),
             best.map(|b| format!("{:.3} ({})", b.0, b.1)).unwrap_or("–".into())
