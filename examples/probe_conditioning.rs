@@ -46,7 +46,7 @@ fn main() -> Result<()> {
     let dev = Device::Cpu;
     let pipe = ShapesPipeline::load(std::path::Path::new(&dir), &Trainable::None, &dev)?;
     let mut rng = rand::rngs::StdRng::seed_from_u64(7);
-    text_separation(&pipe, &dev)?;
+    text_separation(&pipe)?;
     // 256 position prompts over every (subject, target, relation), each with one true scene.
     let metas: Vec<_> = (0..256)
         .map(|i| {
@@ -68,7 +68,7 @@ fn main() -> Result<()> {
 }
 
 /// 1: per-token distance of the context between two prompts that differ in one respect.
-fn text_separation(pipe: &ShapesPipeline, dev: &Device) -> Result<()> {
+fn text_separation(pipe: &ShapesPipeline) -> Result<()> {
     let pairs = [
         (
             "a photo of a circle left of a square",
@@ -82,8 +82,7 @@ fn text_separation(pipe: &ShapesPipeline, dev: &Device) -> Result<()> {
     ];
     println!("text encoder: |context(a) - context(b)| per token (norm of a's context)");
     for (a, b) in pairs {
-        let ids = pipe.tokenizer.encode_batch(&[a, b], dev)?;
-        let (ctx, _) = pipe.text.forward(&ids, false)?;
+        let (ctx, _) = pipe.text_forward(&[a, b], false)?;
         let diff = (ctx.get(0)? - ctx.get(1)?)?;
         let per_tok: Vec<f32> = diff.sqr()?.sum(1)?.sqrt()?.to_vec1()?;
         let norm = ctx.get(0)?.sqr()?.sum_all()?.sqrt()?.to_scalar::<f32>()?;
@@ -99,8 +98,7 @@ fn caption_losses(pipe: &ShapesPipeline, sc: &Scenes, dev: &Device) -> Result<()
     let n = metas.len();
     let encode = |caps: &[String]| -> Result<(Tensor, Tensor)> {
         let p: Vec<&str> = caps.iter().map(|s| s.as_str()).collect();
-        pipe.text
-            .forward(&pipe.tokenizer.encode_batch(&p, dev)?, false)
+        pipe.text_forward(&p, false)
     };
     let correct: Vec<String> = metas.iter().map(|m| m.prompt.clone()).collect();
     let swap: Vec<String> = metas
@@ -143,9 +141,7 @@ fn caption_losses(pipe: &ShapesPipeline, sc: &Scenes, dev: &Device) -> Result<()
 fn flip_equivariance(pipe: &ShapesPipeline, sc: &Scenes, dev: &Device) -> Result<()> {
     let (metas, x0, noise) = (&sc.metas, &sc.x0, &sc.noise);
     let caps: Vec<&str> = metas.iter().map(|m| m.prompt.as_str()).collect();
-    let (ctx, pooled) = pipe
-        .text
-        .forward(&pipe.tokenizer.encode_batch(&caps, dev)?, false)?;
+    let (ctx, pooled) = pipe.text_forward(&caps, false)?;
     let w = x0.dims4()?.3 as u32;
     let idx = Tensor::new((0..w).rev().collect::<Vec<u32>>(), dev)?;
     let flip = |x: &Tensor| x.index_select(&idx, 3);

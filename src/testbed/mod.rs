@@ -8,14 +8,16 @@
 
 pub mod captions;
 pub mod detect;
+pub mod parse;
 pub mod prompts;
 pub mod scene;
 pub mod world;
 
 pub use captions::{loosen, CaptionNoise};
 pub use detect::{detect, score_image};
+pub use parse::{parse_features, PARSE_DIMS};
 pub use prompts::{
     all_prompts, prompt_split, random_metadata, random_metadata_of, write_prompt_files,
 };
-pub use scene::scene_for;
+pub use scene::{scene_for, scene_in, RelationLayout};
 pub use world::*;

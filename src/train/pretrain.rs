@@ -22,7 +22,7 @@ use crate::pipeline::shapes::codec::CellCodec;
 use crate::pipeline::shapes::text::{ShapesTokenizer, TextEncoderConfig};
 use crate::pipeline::shapes::{encode_images, ShapesPipeline};
 use crate::sampling::seeded_randn;
-use crate::testbed::{loosen, random_metadata, random_metadata_of, scene_for};
+use crate::testbed::{loosen, random_metadata, random_metadata_of, scene_in};
 use crate::train::optim::{AdamW, AdamWParams, Shadow};
 use anyhow::{bail, Context, Result};
 use candle_core::{Device, Tensor, Var};
@@ -102,7 +102,7 @@ pub fn make_batch(
             }
         };
         let drawn = loosen(&meta, &pt.caption_noise, &mut rng)?;
-        let scene = scene_for(&drawn, &mut rng)
+        let scene = scene_in(&drawn, pt.relation_layout, &mut rng)
             .with_context(|| format!("rendering a scene for {:?}", meta.prompt))?;
         images.push(scene.render());
         let drop = rng.random::<f64>() < pt.caption_dropout;
@@ -133,8 +133,7 @@ pub fn flow_matching_loss(pipe: &ShapesPipeline, b: &Batch) -> Result<Tensor> {
     let xt = (b.x0.broadcast_mul(&(1.0 - &sig)?)? + b.noise.broadcast_mul(&sig)?)?;
     let target = (&b.noise - &b.x0)?;
     let prompts: Vec<&str> = b.captions.iter().map(|s| s.as_str()).collect();
-    let ids = pipe.tokenizer.encode_batch(&prompts, &dev)?;
-    let (ctx, pooled) = pipe.text.forward(&ids, true)?;
+    let (ctx, pooled) = pipe.text_forward(&prompts, true)?;
     let t = (sig.flatten_all()? * 1000.0)?;
     let v = pipe
         .transformer

@@ -50,6 +50,7 @@ pub fn setup(dir: &Path) -> Config {
         mlp_ratio: 2,
         context_dim: 16,
         pooled_dim: 12,
+        parse_embedding: true,
     };
     let pipe = ShapesPipeline::from_scratch(&tcfg, &ecfg, tok, None, 7, &Device::Cpu).unwrap();
     pipe.save(&dir.join("base"), &HashMap::new(), candle_core::DType::F32)

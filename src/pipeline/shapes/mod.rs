@@ -186,10 +186,19 @@ impl ShapesPipeline {
 
     /// Text conditioning of prompts (no gradient).
     pub fn encode(&self, prompts: &[&str]) -> Result<Conditioning> {
+        let (context, pooled) = self.text_forward(prompts, false)?;
+        Ok(Conditioning { context, pooled })
+    }
+
+    /// The text encoder's (context, pooled) for prompts; with `track` the graph is recorded.
+    pub fn text_forward(&self, prompts: &[&str], track: bool) -> Result<(Tensor, Tensor)> {
         let dev = self.device();
         let ids = self.tokenizer.encode_batch(prompts, &dev)?;
-        let (context, pooled) = self.text.forward(&ids, false)?;
-        Ok(Conditioning { context, pooled })
+        let parse = match self.text.cfg.parse_embedding {
+            true => Some(self.tokenizer.parse_batch(prompts, &dev)?),
+            false => None,
+        };
+        self.text.forward(&ids, parse.as_ref(), track)
     }
 
     pub fn device(&self) -> Device {

@@ -120,6 +120,26 @@ impl ShapesTokenizer {
         Ok(ids)
     }
 
+    /// `[B, L, PARSE_DIMS]` parse features of a batch of prompts (see
+    /// [`crate::testbed::parse::parse_features`]), read from the tokenizer's own words.
+    pub fn parse_batch(&self, prompts: &[&str], dev: &Device) -> Result<Tensor> {
+        let k = crate::testbed::PARSE_DIMS;
+        let mut all = Vec::with_capacity(prompts.len() * self.max_length * k);
+        for p in prompts {
+            let enc = self
+                .tok
+                .encode(*p, false)
+                .map_err(|e| anyhow::anyhow!("tokenizing {p:?}: {e}"))?;
+            let words = enc.get_tokens();
+            all.extend(crate::testbed::parse_features(words, self.max_length).concat());
+        }
+        Ok(Tensor::from_vec(
+            all,
+            (prompts.len(), self.max_length, k),
+            dev,
+        )?)
+    }
+
     /// `[B, L]` u32 ids of a batch of prompts.
     pub fn encode_batch(&self, prompts: &[&str], dev: &Device) -> Result<Tensor> {
         let mut all = Vec::with_capacity(prompts.len() * self.max_length);
@@ -150,6 +170,11 @@ pub struct TextEncoderConfig {
     pub context_dim: usize,
     /// Width of the pooled output (the MMDiT's `pooled_projection_dim`).
     pub pooled_dim: usize,
+    /// Add a learned embedding of each token's parse features
+    /// ([`crate::testbed::parse::parse_features`]: at a class word, its colour and its side) to the
+    /// context, so that it arrives parsed, as SD3's T5 output does. Absent: false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub parse_embedding: bool,
 }
 
 pub const TEXT_ENCODER_CLASS: &str = "DgpoShapesTextEncoder";
@@ -225,6 +250,12 @@ impl TextEncoderConfig {
                 (format!("{p}.mlp.fc2.bias"), vec![w]),
             ]);
         }
+        if self.parse_embedding {
+            v.push((
+                "parse_embedding.weight".to_string(),
+                vec![crate::testbed::PARSE_DIMS, self.context_dim],
+            ));
+        }
         v.extend([
             ("final_ln.weight".to_string(), vec![w]),
             ("final_ln.bias".to_string(), vec![w]),
@@ -252,7 +283,11 @@ impl TextEncoder {
         let mut params = BTreeMap::new();
         for (name, shape) in cfg.shapes() {
             let n: usize = shape.iter().product();
-            let data: Vec<f32> = if name.ends_with("embedding.weight") {
+            let data: Vec<f32> = if name == "parse_embedding.weight" {
+                // unit-variance entries: each feature moves the context as much as a word does
+                let d = Normal::new(0f32, 1.0)?;
+                (0..n).map(|_| d.sample(&mut rng)).collect()
+            } else if name.ends_with("embedding.weight") {
                 let d = Normal::new(0f32, 0.02)?;
                 (0..n).map(|_| d.sample(&mut rng)).collect()
             } else if name.contains("ln") && name.ends_with(".weight") {
@@ -354,9 +389,15 @@ impl TextEncoder {
             .broadcast_add(&self.p(&format!("{name}.bias"), track))?)
     }
 
-    /// `ids: [B, L]` u32 → (context `[B, L, context_dim]`, pooled `[B, pooled_dim]`).
+    /// `ids: [B, L]` u32 (and, with `parse_embedding`, `parse: [B, L, PARSE_DIMS]` from
+    /// [`ShapesTokenizer::parse_batch`]) → (context `[B, L, context_dim]`, pooled `[B, pooled_dim]`).
     /// With `track` the graph is recorded for training.
-    pub fn forward(&self, ids: &Tensor, track: bool) -> Result<(Tensor, Tensor)> {
+    pub fn forward(
+        &self,
+        ids: &Tensor,
+        parse: Option<&Tensor>,
+        track: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (b, l) = ids.dims2()?;
         let c = &self.cfg;
         if l != c.max_length {
@@ -390,7 +431,16 @@ impl TextEncoder {
             h = (h + self.linear(&x, &format!("{p}.mlp.fc2"), track)?)?;
         }
         let h = self.ln(&h, "final_ln", track)?;
-        let context = self.linear(&h, "context_proj", track)?;
+        let mut context = self.linear(&h, "context_proj", track)?;
+        if c.parse_embedding {
+            let parse = parse.context("this text encoder adds parse features; none were given")?;
+            let k = crate::testbed::PARSE_DIMS;
+            let add = parse
+                .reshape((b * l, k))?
+                .matmul(&self.p("parse_embedding.weight", track))?
+                .reshape((b, l, c.context_dim))?;
+            context = (context + add)?;
+        }
         let first = h.narrow(1, 0, 1)?.squeeze(1)?;
         let pooled = self.linear(&first, "pooled_proj", track)?;
         Ok((context, pooled))
@@ -419,7 +469,67 @@ mod tests {
             mlp_ratio: 2,
             context_dim: 6,
             pooled_dim: 5,
+            parse_embedding: false,
         }
+    }
+
+    #[test]
+    fn parse_embedding_adds_each_tokens_parse_features_to_the_context() {
+        let dev = Device::Cpu;
+        let mut cfg = tiny();
+        cfg.context_dim = crate::testbed::PARSE_DIMS + 1;
+        cfg.max_length = 12;
+        let plain = TextEncoder::init(&cfg, 3, &dev).unwrap();
+        assert!(!serde_json::to_string(&cfg).unwrap().contains("parse"));
+        cfg.parse_embedding = true;
+        let json = serde_json::to_string(&cfg).unwrap();
+        assert!(json.contains("\"parse_embedding\":true"), "{json}");
+        let enc = TextEncoder::init(&cfg, 3, &dev).unwrap();
+        assert_eq!(
+            enc.num_params(),
+            plain.num_params() + crate::testbed::PARSE_DIMS * cfg.context_dim
+        );
+        let words = "a photo of a red circle left square"
+            .split(' ')
+            .map(String::from);
+        let tok = build_tokenizer(&words.collect::<Vec<_>>()).unwrap();
+        let tok = ShapesTokenizer::new(tok, "t".into(), 12).unwrap();
+        let prompts = [
+            "a photo of a RED circle left of a square",
+            "a photo of a circle",
+        ];
+        let ids = tok.encode_batch(&prompts, &dev).unwrap();
+        let parse = tok.parse_batch(&prompts, &dev).unwrap();
+        assert_eq!(parse.dims(), &[2, 12, crate::testbed::PARSE_DIMS]);
+        let want: Vec<f32> = prompts
+            .iter()
+            .flat_map(|p| {
+                let w: Vec<String> = p.split(' ').map(|w| w.to_lowercase()).collect();
+                crate::testbed::parse_features(&w, 12).concat()
+            })
+            .collect();
+        assert_eq!(parse.flatten_all().unwrap().to_vec1::<f32>().unwrap(), want);
+        let e = enc.forward(&ids, None, false).unwrap_err().to_string();
+        assert!(e.contains("parse features"), "{e}");
+        let (with, _) = enc.forward(&ids, Some(&parse), false).unwrap();
+        let (without, _) = enc
+            .forward(&ids, Some(&parse.zeros_like().unwrap()), false)
+            .unwrap();
+        // The difference is the parse features times the embedding: zero where a token has none.
+        let emb = enc.tensors()["parse_embedding.weight"].clone();
+        let expect = parse
+            .reshape((24, crate::testbed::PARSE_DIMS))
+            .unwrap()
+            .matmul(&emb)
+            .unwrap();
+        let got = (with - without)
+            .unwrap()
+            .reshape((24, cfg.context_dim))
+            .unwrap();
+        let err = (got - expect).unwrap().abs().unwrap().max_all().unwrap();
+        assert!(err.to_scalar::<f32>().unwrap() < 1e-5);
+        let (_, p_) = enc.forward(&ids, Some(&parse), true).unwrap();
+        assert_eq!(p_.dims(), &[2, 5]);
     }
 
     #[test]
@@ -450,7 +560,7 @@ mod tests {
         let ids = tok
             .encode_batch(&["a red circle", "a blue circle", ""], &dev)
             .unwrap();
-        let (c, p) = enc.forward(&ids, false).unwrap();
+        let (c, p) = enc.forward(&ids, None, false).unwrap();
         assert_eq!(c.dims(), &[3, 8, 6]);
         assert_eq!(p.dims(), &[3, 5]);
         let d = (p.get(0).unwrap() - p.get(1).unwrap())
@@ -464,7 +574,7 @@ mod tests {
         assert!(d > 1e-4, "pooled output ignores the prompt");
         // Round trip through named tensors.
         let again = TextEncoder::from_tensors(&tiny(), enc.tensors(), "mem").unwrap();
-        let (c2, _) = again.forward(&ids, false).unwrap();
+        let (c2, _) = again.forward(&ids, None, false).unwrap();
         assert_eq!(crate::model::nn::max_abs_diff(&c, &c2).unwrap(), 0.0);
         let mut t = enc.tensors();
         t.remove("final_ln.bias");
@@ -482,7 +592,7 @@ mod tests {
         let dev = Device::Cpu;
         let enc = TextEncoder::init(&tiny(), 3, &dev).unwrap();
         let ids = Tensor::new(&[[2u32, 5, 6, 7, 0, 0, 0, 0]], &dev).unwrap();
-        let (c, p) = enc.forward(&ids, true).unwrap();
+        let (c, p) = enc.forward(&ids, None, true).unwrap();
         let loss =
             (c.sqr().unwrap().sum_all().unwrap() + p.sqr().unwrap().sum_all().unwrap()).unwrap();
         let g = loss.backward().unwrap();
