@@ -54,6 +54,9 @@ pub struct PretrainConfig {
     /// How loosely the rendered scenes follow their captions (`[pretrain.caption_noise]`; all zero,
     /// the default: exactly).
     pub caption_noise: crate::testbed::CaptionNoise,
+    /// Where scenes for position captions put their objects: `anywhere` (the default) the relation
+    /// holds, or `edges` (the first object on the edge its relation names, the other opposite).
+    pub relation_layout: crate::testbed::RelationLayout,
     pub timestep_sampling: TimestepSampling,
     pub logit_mean: f64,
     pub logit_std: f64,
@@ -100,6 +103,7 @@ impl Default for PretrainConfig {
             caption_dropout: 0.1,
             tag_weights: Default::default(),
             caption_noise: Default::default(),
+            relation_layout: Default::default(),
             timestep_sampling: TimestepSampling::LogitNormal,
             logit_mean: 0.0,
             logit_std: 1.0,

@@ -4,6 +4,7 @@ use crate::geneval::{Metadata, POSITION_THRESHOLD};
 use crate::testbed::world::{color_rgb, Scene, Shape, CLASSES, COLORS, GRID, MAX_SHAPES};
 use anyhow::{bail, Result};
 use rand::Rng;
+use serde::{Deserialize, Serialize};
 
 /// Whole-scene placement attempts before [`scene_for`] gives up.
 pub const MAX_ATTEMPTS: usize = 2000;
@@ -23,6 +24,46 @@ pub const RELATION_MARGIN: f64 = 0.7;
 /// prompt strictly), an exclude clause that contradicts an include clause, or when
 /// [`MAX_ATTEMPTS`] random placements all fail.
 pub fn scene_for(meta: &Metadata, rng: &mut impl Rng) -> Result<Scene> {
+    scene_in(meta, RelationLayout::Anywhere, rng)
+}
+
+/// Where a scene puts the objects of a position clause.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum RelationLayout {
+    /// Anywhere the relation holds.
+    #[default]
+    Anywhere,
+    /// The clause's objects on the edge of the grid its relation names ("left of": the first
+    /// column), its target's on the opposite edge, anywhere along them: the relation then holds
+    /// wherever along the edges the two objects are.
+    Edges,
+}
+
+/// The edge of the grid ("left of": the first column) that `layout` keeps clause `ci`'s objects on,
+/// as (a column?, the last one?); `None` where the clause may go anywhere.
+fn edge_of(meta: &Metadata, ci: usize, layout: RelationLayout) -> Option<(bool, bool)> {
+    if layout == RelationLayout::Anywhere {
+        return None;
+    }
+    let side = |rel: &str| match rel {
+        "left of" => Some((true, false)),
+        "right of" => Some((true, true)),
+        "above" => Some((false, false)),
+        "below" => Some((false, true)),
+        _ => None,
+    };
+    if let Some((rel, _)) = &meta.include[ci].position {
+        return side(rel);
+    }
+    meta.include.iter().find_map(|inc| match &inc.position {
+        Some((rel, t)) if *t == ci => side(rel).map(|(cols, high)| (cols, !high)),
+        _ => None,
+    })
+}
+
+/// [`scene_for`] with the objects of position clauses placed as `layout` says.
+pub fn scene_in(meta: &Metadata, layout: RelationLayout, rng: &mut impl Rng) -> Result<Scene> {
     let mut total = 0usize;
     for (i, inc) in meta.include.iter().enumerate() {
         if !CLASSES.contains(&inc.class.as_str()) {
@@ -94,7 +135,19 @@ pub fn scene_for(meta: &Metadata, rng: &mut impl Rng) -> Result<Scene> {
                     None => COLORS[rng.random_range(0..COLORS.len())].0.to_string(),
                 };
                 // A free cell: `cells` holds the ones taken (at most MAX_SHAPES < GRID²).
-                let free: Vec<usize> = (0..GRID * GRID).filter(|c| !cells.contains(c)).collect();
+                let edge = edge_of(meta, ci, layout);
+                let on_edge = |c: usize| {
+                    edge.is_none_or(|(cols, last)| {
+                        let k = if cols { c % GRID } else { c / GRID };
+                        k == if last { GRID - 1 } else { 0 }
+                    })
+                };
+                let free: Vec<usize> = (0..GRID * GRID)
+                    .filter(|&c| !cells.contains(&c) && on_edge(c))
+                    .collect();
+                if free.is_empty() {
+                    continue 'attempt;
+                }
                 let cell = free[rng.random_range(0..free.len())];
                 cells.push(cell);
                 let s = Shape::in_cell(&inc.class, &color, cell % GRID, cell / GRID);
@@ -199,6 +252,44 @@ mod tests {
             );
         }
         assert_eq!(used.len(), GRID * GRID, "every cell is used by some scene");
+    }
+
+    #[test]
+    fn edges_put_each_object_of_a_relation_on_its_edge() {
+        use crate::testbed::world::CELL;
+        let mut rng = rand::rngs::StdRng::seed_from_u64(5);
+        let (first, last) = (CELL as f32, (GRID - 1) as f32 * CELL as f32);
+        let mut n = 0;
+        for m in crate::testbed::all_prompts()
+            .iter()
+            .filter(|m| m.tag == "position")
+        {
+            for _ in 0..4 {
+                let scene = scene_in(m, RelationLayout::Edges, &mut rng).unwrap();
+                assert!(crate::testbed::score_image(m, &scene.render()).strict);
+                let (rel, target) = m.include[1].position.clone().unwrap();
+                assert_eq!(target, 0);
+                let (subj, other) = (&scene.shapes[1], &scene.shapes[0]);
+                let (s, o) = match rel.as_str() {
+                    "left of" => (subj.cx < first, other.cx > last),
+                    "right of" => (subj.cx > last, other.cx < first),
+                    "above" => (subj.cy < first, other.cy > last),
+                    _ => (subj.cy > last, other.cy < first),
+                };
+                assert!(s && o, "{rel}: {scene:?}");
+                n += 1;
+            }
+        }
+        assert!(n > 0);
+        // Prompts without a position clause are drawn exactly as by `scene_for`.
+        let m = &crate::testbed::all_prompts()[0];
+        let a = scene_in(
+            m,
+            RelationLayout::Edges,
+            &mut rand::rngs::StdRng::seed_from_u64(1),
+        );
+        let b = scene_for(m, &mut rand::rngs::StdRng::seed_from_u64(1));
+        assert_eq!(format!("{:?}", a.unwrap()), format!("{:?}", b.unwrap()));
     }
 
     #[test]
