@@ -391,6 +391,35 @@ mod tests {
     }
 
     #[test]
+    fn relation_layout_defaults_to_anywhere_and_names_its_choices() {
+        use crate::testbed::RelationLayout;
+        assert_eq!(
+            Config::default().pretrain.relation_layout,
+            RelationLayout::Anywhere
+        );
+        let c = Config::from_toml("[pretrain]\nrelation_layout = \"edges\"\n", "t", &[]).unwrap();
+        assert_eq!(c.pretrain.relation_layout, RelationLayout::Edges);
+        let e =
+            Config::from_toml("[pretrain]\nrelation_layout = \"corners\"\n", "t", &[]).unwrap_err();
+        let e = format!("{e:#}");
+        assert!(
+            e.contains("relation_layout") && e.contains("corners"),
+            "{e}"
+        );
+        assert!(e.contains("anywhere") && e.contains("edges"), "{e}");
+        // The SD3.5 configs do not name it, and keep the default.
+        for f in ["geneval.toml", "ocr.toml", "pickscore.toml"] {
+            let path = std::path::Path::new(env!("CARGO_MANIFEST_DIR"))
+                .join("configs")
+                .join(f);
+            if path.exists() {
+                let c = Config::load(&path, &[]).unwrap();
+                assert_eq!(c.pretrain.relation_layout, RelationLayout::Anywhere, "{f}");
+            }
+        }
+    }
+
+    #[test]
     fn non_finite_numbers_and_impossible_sizes_are_refused_naming_the_key() {
         for (toml, key) in [
             (
