@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # DGPO against Flow-GRPO on the shapes testbed: same base model, seed, prompts, reward,
-# threads and evaluation protocol (78 test prompts, DPM-Solver++ 14 steps, no CFG, fixed noise,
-# slow-EMA weights; 8 images per prompt every 50 epochs for DGPO, 2 every 5 epochs for Flow-GRPO), each algorithm with its own recommended settings and the same wall-clock
+# threads and evaluation protocol (78 test prompts × 8 images every 50 epochs, DPM-Solver++ 14 steps,
+# no CFG, fixed noise, slow-EMA weights), each algorithm with its own recommended settings and the same wall-clock
 # budget. Writes runs/compare/report.html (both runs' curves overlaid, grids, configs) and
 # runs/compare/summary.json, and prints when each algorithm first reaches each GenEval score.
 #   bash scripts/compare_algorithms.sh [minutes per algorithm, default 15] [threads, default 2] [seed, default 0]
