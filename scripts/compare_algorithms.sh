@@ -2,8 +2,8 @@
 # DGPO against Flow-GRPO on the shapes testbed: same base model, seed, prompts, reward,
 # threads and evaluation protocol (78 test prompts × 8 images every 50 epochs, DPM-Solver++ 14 steps,
 # no CFG, fixed noise, slow-EMA weights), each algorithm with its own recommended settings and the same wall-clock
-# budget. Writes runs/compare/report.html (both runs' curves overlaid, grids, configs) and
-# runs/compare/summary.json, and prints when each algorithm first reaches each GenEval score.
+# budget. Writes runs/compare-seed<seed>/report.html (both runs' curves overlaid, grids, configs) and
+# summary.json beside it, and prints when each algorithm first reaches each GenEval score.
 #   bash scripts/compare_algorithms.sh [minutes per algorithm, default 15] [threads, default 2] [seed, default 0]
 # Runs by hand (about 2 × minutes). No Python: the page and the table come from `dgpo report`.
 set -euo pipefail
