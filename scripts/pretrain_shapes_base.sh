@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Reproduces the shipped shapes-testbed base, configs/shapes/base, in its three pretraining stages
-# (about 17 minutes on 2 idle cores). Users never need this: the base is shipped.
+# (on 2 cores: stage 1 about 11 min, stages 2 and 3 a few minutes each). Users never need this: the base is shipped.
 #   bash scripts/pretrain_shapes_base.sh            # writes runs/shapes-pretrain{,-position,-loose}
 # 1. configs/shapes-pretrain.toml: 12000 steps from scratch, every tag, loose captions;
 # 2. configs/shapes-pretrain-position.toml: 3000 steps of exact position captions alone;
