@@ -15,6 +15,8 @@
 //!
 //!     cargo bench --bench vs_torch                   # all threads
 //!     cargo bench --bench vs_torch -- --threads 1
+//!     cargo bench --bench vs_torch -- --only lora_fwd_bwd --reps 100   # one bench, for a profiler
+//!     cargo bench --bench vs_torch -- --plain        # without the coarse ops (src/model/coarse.rs)
 
 use candle_core::{DType, Device, Tensor};
 use dgpo::config::Sampler;
@@ -26,6 +28,11 @@ use dgpo::sampling::{sample, schedule, velocity_sharded, Conditioning};
 use dgpo::train::dgpo::{dgpo_loss, per_sample_mse, DgpoParams};
 use dgpo::train::optim::{AdamW, AdamWParams};
 mod common;
+
+/// The allocator `dgpo` itself runs with (src/main.rs): Candle allocates a fresh buffer for every op,
+/// and the system allocator returns them to the kernel, so without it the bench times page faults.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
 use common::median;
 
@@ -47,6 +54,21 @@ fn main() -> anyhow::Result<()> {
             .ok_or_else(|| anyhow::anyhow!("--threads needs a number"))?;
         par::set_threads(n);
     }
+    // `--only NAME` runs one bench, `--reps N` times it N times (for profilers).
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1).cloned());
+    let reps: Option<usize> = args
+        .iter()
+        .position(|a| a == "--reps")
+        .and_then(|i| args.get(i + 1)?.parse().ok());
+    // `--plain`: the plain Candle formulas instead of the coarse ops, to measure what those give.
+    if args.iter().any(|a| a == "--plain") {
+        dgpo::model::coarse::set_enabled(false);
+    }
+    let want = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    let n = |default: usize| reps.unwrap_or(default);
     let dev = Device::Cpu;
     let cfg =
         TransformerConfig::from_json_file(std::path::Path::new("configs/shapes/transformer.json"))?;
@@ -141,51 +163,61 @@ fn main() -> anyhow::Result<()> {
         );
     };
 
-    let fwd = median(
-        || {
-            velocity_sharded(&model, &x, 500.0, &cond, None, 1.0, Weights::PolicyNoGrad).unwrap();
-        },
-        7,
-    );
-    report("forward", fwd, 1.0);
-    // Backward of a LoRA model ≈ one more forward (input gradients only for frozen weights).
-    let fb = median(
-        || {
-            policy_fwd_bwd(&opt, None, None).unwrap();
-        },
-        5,
-    );
-    report("lora_fwd_bwd", fb, 2.0);
-    let sched = schedule(Sampler::Euler, STEPS, 3.0);
-    let roll = median(
-        || {
-            sample(
-                &model,
-                Sampler::Euler,
-                &sched,
-                &x,
-                &cond,
-                Some(&uncond),
-                4.5,
-                Weights::PolicyNoGrad,
-            )
-            .unwrap();
-        },
-        3,
-    );
-    report("rollout", roll, 2.0 * STEPS as f64);
-    let pass = median(
-        || {
-            let v_ref =
-                velocity_sharded(&model, &x, 500.0, &cond, None, 1.0, Weights::Reference).unwrap();
-            let v_old =
+    if want("forward") {
+        let fwd = median(
+            || {
                 velocity_sharded(&model, &x, 500.0, &cond, None, 1.0, Weights::PolicyNoGrad)
                     .unwrap();
-            let acc = policy_fwd_bwd(&opt, Some(&v_ref), Some(&v_old)).unwrap();
-            opt.step(acc, 1e-4, Some(1.0)).unwrap();
-        },
-        5,
-    );
-    report("dgpo_pass", pass, 4.0);
+            },
+            n(7),
+        );
+        report("forward", fwd, 1.0);
+    }
+    // Backward of a LoRA model ≈ one more forward (input gradients only for frozen weights).
+    if want("lora_fwd_bwd") {
+        let fb = median(
+            || {
+                policy_fwd_bwd(&opt, None, None).unwrap();
+            },
+            n(5),
+        );
+        report("lora_fwd_bwd", fb, 2.0);
+    }
+    let sched = schedule(Sampler::Euler, STEPS, 3.0);
+    if want("rollout") {
+        let roll = median(
+            || {
+                sample(
+                    &model,
+                    Sampler::Euler,
+                    &sched,
+                    &x,
+                    &cond,
+                    Some(&uncond),
+                    4.5,
+                    Weights::PolicyNoGrad,
+                )
+                .unwrap();
+            },
+            n(3),
+        );
+        report("rollout", roll, 2.0 * STEPS as f64);
+    }
+    if want("dgpo_pass") {
+        let pass = median(
+            || {
+                let v_ref =
+                    velocity_sharded(&model, &x, 500.0, &cond, None, 1.0, Weights::Reference)
+                        .unwrap();
+                let v_old =
+                    velocity_sharded(&model, &x, 500.0, &cond, None, 1.0, Weights::PolicyNoGrad)
+                        .unwrap();
+                let acc = policy_fwd_bwd(&opt, Some(&v_ref), Some(&v_old)).unwrap();
+                opt.step(acc, 1e-4, Some(1.0)).unwrap();
+            },
+            n(5),
+        );
+        report("dgpo_pass", pass, 4.0);
+    }
     Ok(())
 }

@@ -5,7 +5,7 @@
 use super::config::TransformerConfig;
 use super::linear::{Linear, Param, Trainable, Weights};
 use super::lora::LoraAdapter;
-use super::nn::{attention, gelu, layer_norm_no_affine, modulate, rms_norm};
+use super::nn::{attention, gated_residual, gelu, layer_norm_no_affine, modulate, rms_norm};
 use super::weights::WeightStore;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -288,24 +288,20 @@ impl JointBlock {
         };
 
         let (attn_out, ctx_attn) = self.attn.forward(&x_in, Some(&c_in), w)?;
-        let mut x = (x + attn_out.broadcast_mul(&gate_msa.unsqueeze(1)?)?)?;
+        let mut x = gated_residual(x, &attn_out, gate_msa)?;
         if let Some(attn2) = &self.attn2 {
             let x2_in = modulate(&x_norm, &m[6], &m[7])?;
             let (o2, _) = attn2.forward(&x2_in, None, w)?;
-            x = (x + o2.broadcast_mul(&m[8].unsqueeze(1)?)?)?;
+            x = gated_residual(&x, &o2, &m[8])?;
         }
         let h = modulate(&layer_norm_no_affine(&x, NORM_EPS)?, shift_mlp, scale_mlp)?;
-        let x = (&x
-            + self
-                .ff
-                .forward(&h, w)?
-                .broadcast_mul(&gate_mlp.unsqueeze(1)?)?)?;
+        let x = gated_residual(&x, &self.ff.forward(&h, w)?, gate_mlp)?;
 
         let ctx = match (c_mods, &self.ff_context, ctx_attn) {
             (Some(s), Some(ff), Some(ca)) => {
-                let c = (ctx + ca.broadcast_mul(&s[2].unsqueeze(1)?)?)?;
+                let c = gated_residual(ctx, &ca, &s[2])?;
                 let h = modulate(&layer_norm_no_affine(&c, NORM_EPS)?, &s[3], &s[4])?;
-                Some((&c + ff.forward(&h, w)?.broadcast_mul(&s[5].unsqueeze(1)?)?)?)
+                Some(gated_residual(&c, &ff.forward(&h, w)?, &s[5])?)
             }
             _ => None,
         };

@@ -117,6 +117,9 @@ impl Linear {
         let last = out_shape.len() - 1;
         out_shape[last] = self.out_features();
         let x2 = x.reshape(((), self.in_features()))?;
+        if let Some(y) = self.coarse_forward(&x2, w)? {
+            return y.reshape(out_shape);
+        }
         let weight = self.weight.get(w, dtype)?;
         let mut y = frozen_matmul(&x2, &weight)?;
         if let Some(b) = &self.bias {
@@ -130,6 +133,48 @@ impl Linear {
             _ => {}
         }
         y.reshape(out_shape)
+    }
+
+    /// The whole layer as one coarse op ([`super::coarse::linear`]) on CPU f32/f64, when its weight
+    /// and bias are frozen under `w`; `None` sends it through the plain formula.
+    fn coarse_forward(&self, x2: &Tensor, w: Weights) -> Result<Option<Tensor>> {
+        let dtype = x2.dtype();
+        if !super::coarse::applies(x2) {
+            return Ok(None);
+        }
+        let frozen = |p: &Param| match (p, w) {
+            (Param::Trainable { .. }, Weights::Policy) => None,
+            _ => Some(p.get(w, dtype)),
+        };
+        let Some(weight) = frozen(&self.weight).transpose()? else {
+            return Ok(None);
+        };
+        let bias = match &self.bias {
+            Some(b) => match frozen(b).transpose()? {
+                Some(b) => Some(b),
+                None => return Ok(None),
+            },
+            None => None,
+        };
+        let adapter = match (&self.lora, w) {
+            (Some(l), Weights::Policy | Weights::PolicyNoGrad) => {
+                if l.a.dtype() != dtype {
+                    return Ok(None);
+                }
+                let track = w == Weights::Policy;
+                let get = |v: &candle_core::Var| {
+                    if track {
+                        v.as_tensor().clone()
+                    } else {
+                        v.as_tensor().detach()
+                    }
+                };
+                Some((get(&l.a), get(&l.b), l.scale))
+            }
+            _ => None,
+        };
+        let lora = adapter.as_ref().map(|(a, b, s)| (a, b, *s));
+        super::coarse::linear(x2, &weight, bias.as_ref(), lora).map(Some)
     }
 
     /// Every parameter of this layer as (name, param), weights first.

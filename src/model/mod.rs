@@ -2,6 +2,7 @@
 //! Knows nothing about rewards or RL.
 
 mod block;
+pub mod coarse;
 pub mod config;
 pub mod fused;
 pub mod init;

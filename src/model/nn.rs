@@ -6,7 +6,7 @@
 //! `frozen_matmul` is a matmul whose backward returns the input gradient only, so a LoRA step does not
 //! pay for gradients of the frozen base weights.
 
-use super::fused;
+use super::{coarse, fused};
 use candle_core::backend::BackendStorage;
 use candle_core::{
     CpuStorage, CudaStorage, CustomOp2, CustomOp3, DType, Layout, Result, Shape, Tensor, D,
@@ -75,8 +75,19 @@ fn fused_ok(x: &Tensor) -> bool {
 
 /// `x * (1 + scale) + shift` with per-sample `scale`, `shift` of shape `[B, C]` broadcast over tokens.
 pub fn modulate(x: &Tensor, shift: &Tensor, scale: &Tensor) -> Result<Tensor> {
+    if coarse::applies(x) && shift.dtype() == x.dtype() && scale.dtype() == x.dtype() {
+        return coarse::modulate(x, shift, scale);
+    }
     x.broadcast_mul(&(scale.unsqueeze(1)? + 1.0)?)?
         .broadcast_add(&shift.unsqueeze(1)?)
+}
+
+/// The gated residual `res + a · gate`, with `gate` of shape `[B, C]` broadcast over tokens.
+pub fn gated_residual(res: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor> {
+    if coarse::applies(res) && a.dtype() == res.dtype() && gate.dtype() == res.dtype() {
+        return coarse::gated_residual(res, a, gate);
+    }
+    res + a.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
 /// Scaled dot-product attention on `[B, H, L, D]` tensors (no mask, no dropout).
