@@ -5,7 +5,9 @@
 use super::config::TransformerConfig;
 use super::linear::{Linear, Param, Trainable, Weights};
 use super::lora::LoraAdapter;
-use super::nn::{attention, gated_residual, gelu, layer_norm_no_affine, modulate, rms_norm};
+use super::nn::{
+    gated_residual, gelu, layer_norm_no_affine, modulate, multi_head_attention, rms_norm,
+};
 use super::weights::WeightStore;
 use anyhow::Result;
 use candle_core::{DType, Device, Tensor};
@@ -122,15 +124,12 @@ impl Attention {
         })
     }
 
-    /// `[B, L, H·D]` → `[B, H, L, D]`, with the optional per-head RMS norm.
-    fn heads(&self, x: &Tensor, norm: &Option<Param>, w: Weights) -> Result<Tensor> {
+    /// `[B, L, H·D]` with the optional RMS norm over each head's `D` features.
+    fn normed(&self, x: Tensor, norm: &Option<Param>, w: Weights) -> Result<Tensor> {
+        let Some(n) = norm else { return Ok(x) };
         let (b, l, c) = x.dims3()?;
-        let x = x.reshape((b, l, self.heads, c / self.heads))?;
-        let x = match norm {
-            Some(n) => rms_norm(&x, &n.get(w, x.dtype())?, NORM_EPS as f32)?,
-            None => x,
-        };
-        Ok(x.transpose(1, 2)?.contiguous()?)
+        let heads = x.reshape((b, l, self.heads, c / self.heads))?;
+        Ok(rms_norm(&heads, &n.get(w, x.dtype())?, NORM_EPS as f32)?.reshape((b, l, c))?)
     }
 
     /// Returns the image-token output and, for joint attention, the context-token output
@@ -141,22 +140,21 @@ impl Attention {
         ctx: Option<&Tensor>,
         w: Weights,
     ) -> Result<(Tensor, Option<Tensor>)> {
-        let (bsz, n_img, _) = x.dims3()?;
-        let mut q = self.heads(&self.to_q.forward(x, w)?, &self.norm_q, w)?;
-        let mut k = self.heads(&self.to_k.forward(x, w)?, &self.norm_k, w)?;
-        let mut v = self.heads(&self.to_v.forward(x, w)?, &None, w)?;
+        let n_img = x.dim(1)?;
+        let mut q = self.normed(self.to_q.forward(x, w)?, &self.norm_q, w)?;
+        let mut k = self.normed(self.to_k.forward(x, w)?, &self.norm_k, w)?;
+        let mut v = self.to_v.forward(x, w)?;
         if let (Some(a), Some(c)) = (&self.added, ctx) {
-            let cq = self.heads(&a.q.forward(c, w)?, &a.norm_q, w)?;
-            let ck = self.heads(&a.k.forward(c, w)?, &a.norm_k, w)?;
-            let cv = self.heads(&a.v.forward(c, w)?, &None, w)?;
+            let cq = self.normed(a.q.forward(c, w)?, &a.norm_q, w)?;
+            let ck = self.normed(a.k.forward(c, w)?, &a.norm_k, w)?;
+            let cv = a.v.forward(c, w)?;
             // Image tokens first, then context tokens, as diffusers' JointAttnProcessor2_0.
-            q = Tensor::cat(&[&q, &cq], 2)?;
-            k = Tensor::cat(&[&k, &ck], 2)?;
-            v = Tensor::cat(&[&v, &cv], 2)?;
+            q = Tensor::cat(&[&q, &cq], 1)?;
+            k = Tensor::cat(&[&k, &ck], 1)?;
+            v = Tensor::cat(&[&v, &cv], 1)?;
         }
-        let o = attention(&q, &k, &v)?; // [B, H, L, D]
-        let total = o.dim(2)?;
-        let o = o.transpose(1, 2)?.reshape((bsz, total, ()))?;
+        let o = multi_head_attention(&q, &k, &v, self.heads)?; // [B, L, H·D]
+        let total = o.dim(1)?;
         let img = self.to_out.forward(&o.narrow(1, 0, n_img)?, w)?;
         let ctx_out = match (&self.added, ctx) {
             (Some(a), Some(_)) => {

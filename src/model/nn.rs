@@ -90,6 +90,23 @@ pub fn gated_residual(res: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor>
     res + a.broadcast_mul(&gate.unsqueeze(1)?)?
 }
 
+/// Multi-head attention on `[B, L, H·D]` token tensors (heads side by side); returns `[B, L, H·D]`.
+/// On CPU f32/f64 the coarse op; elsewhere [`attention`] through the `[B, H, L, D]` layout.
+pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
+    if coarse::applies(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+        return coarse::attention(q, k, v, heads);
+    }
+    let (b, l, c) = q.dims3()?;
+    let split = |x: &Tensor| {
+        x.reshape((b, l, heads, c / heads))?
+            .transpose(1, 2)?
+            .contiguous()
+    };
+    attention(&split(q)?, &split(k)?, &split(v)?)?
+        .transpose(1, 2)?
+        .reshape((b, l, c))
+}
+
 /// Scaled dot-product attention on `[B, H, L, D]` tensors (no mask, no dropout).
 ///
 /// With a graph it is [`recompute_attention`] (the `[B, H, L, L]` weights are not kept for the
