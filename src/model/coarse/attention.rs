@@ -5,7 +5,7 @@
 //! Backward, per head, with `G` the output gradient and `O = P v`:
 //! `∂v = Pᵀ G`, `∂S = P ⊙ (G vᵀ − rowsum(G ⊙ O))`, `∂q = ∂S k / √d`, `∂k = ∂Sᵀ q / √d`.
 
-use super::{slice, tensor, with_data, Elem};
+use super::kernel::{slice, tensor, with_data, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
@@ -268,7 +268,7 @@ impl CustomOp3 for Attention {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::*;
+    use super::super::kernel::testing::*;
     use super::*;
     use crate::model::nn::{attention as plain_attention, max_abs_diff};
     use candle_core::Var;

@@ -1,7 +1,7 @@
 //! The linear layer as one op: frozen weight, bias and an optional LoRA adapter; three GEMMs
 //! forward, four backward, no gradient for the frozen weight.
 
-use super::{mm, slice, tensor, with_data, Elem};
+use super::kernel::{mm, slice, tensor, with_data, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -210,7 +210,7 @@ impl CustomOp3 for LinearOp {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::*;
+    use super::super::kernel::testing::*;
     use super::*;
     use crate::model::nn::max_abs_diff;
     use candle_core::Var;

@@ -1,29 +1,26 @@
 //! Coarse CPU ops with hand-written backward passes for the MMDiT's training path: a linear layer
-//! (frozen weight, bias and optional LoRA adapter as one op), adaLN's modulate, and the gated
-//! residual. Each is one forward kernel and one backward kernel over contiguous rows, in f32 or f64.
+//! (frozen weight, bias and optional LoRA adapter as one op), adaLN's modulate, the gated residual,
+//! and multi-head attention. Each is one forward kernel and one backward kernel, in f32 or f64.
 //!
 //! Composed from Candle ops, a LoRA linear is seven tensors forward and about twenty in the backward
 //! (gradients of every intermediate, `zeros_like` + `add` for each first gradient, the broadcast of
 //! the bias summed back); here it is three GEMMs forward and four backward, and no gradient is ever
 //! formed for the frozen weight. `nn.rs` and `linear.rs` route CPU f32/f64 tensors through these ops
-//! and everything else through the plain formulas, which the tests below compare them with.
+//! and everything else through the plain formulas, which the tests compare them with
+//! (here, and through the whole model in `tests/coarse_ops.rs`).
 
-use candle_core::{CpuStorage, DType, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
-use gemm::Parallelism;
+use candle_core::{DType, Tensor};
 
 mod attention;
+mod kernel;
 mod linear;
 mod residual;
 
 pub use attention::attention;
 pub use linear::linear;
 pub use residual::{gated_residual, modulate};
-use std::sync::atomic::{AtomicBool, Ordering};
 
-/// The element types the kernels run in.
-pub trait Elem: WithDType + num_traits::Float + std::ops::AddAssign + std::ops::MulAssign {}
-impl Elem for f32 {}
-impl Elem for f64 {}
+use std::sync::atomic::{AtomicBool, Ordering};
 
 static ENABLED: AtomicBool = AtomicBool::new(true);
 
@@ -39,147 +36,4 @@ pub fn applies(x: &Tensor) -> bool {
     ENABLED.load(Ordering::Relaxed)
         && x.device().is_cpu()
         && matches!(x.dtype(), DType::F32 | DType::F64)
-}
-
-/// `dst (+)= beta · L · R` for row-major `dst` `[m, n]`, `L` `[m, k]` and `R` `[k, n]`; `lt` / `rt`
-/// say that `L` / `R` are stored transposed (`[k, m]` / `[n, k]`). `acc` adds to `dst`.
-#[allow(clippy::too_many_arguments)]
-pub(super) fn mm<T: Elem>(
-    dst: &mut [T],
-    acc: bool,
-    beta: T,
-    m: usize,
-    n: usize,
-    k: usize,
-    l: &[T],
-    lt: bool,
-    r: &[T],
-    rt: bool,
-) {
-    assert!(
-        dst.len() == m * n && l.len() == m * k && r.len() == k * n,
-        "coarse gemm: sizes"
-    );
-    if m == 0 || n == 0 {
-        return;
-    }
-    if k == 0 {
-        if !acc {
-            dst.fill(T::zero());
-        }
-        return;
-    }
-    let (l_rs, l_cs) = if lt { (1, m as isize) } else { (k as isize, 1) };
-    let (r_rs, r_cs) = if rt { (1, k as isize) } else { (n as isize, 1) };
-    // SAFETY: the asserted lengths cover every index the strides reach.
-    unsafe {
-        gemm::gemm(
-            m,
-            n,
-            k,
-            dst.as_mut_ptr(),
-            1,
-            n as isize,
-            acc,
-            l.as_ptr(),
-            l_cs,
-            l_rs,
-            r.as_ptr(),
-            r_cs,
-            r_rs,
-            T::one(),
-            beta,
-            false,
-            false,
-            false,
-            Parallelism::None,
-        )
-    }
-}
-
-/// The contiguous data of a CPU tensor, read-locked for the closure.
-pub(super) fn with_data<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
-    let (s, l) = t.storage_and_layout();
-    let Storage::Cpu(c) = &*s else {
-        candle_core::bail!("coarse op: a tensor is not on the CPU");
-    };
-    f(slice(c, l)?)
-}
-
-pub(super) fn slice<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<&'a [T]> {
-    match l.contiguous_offsets() {
-        Some((a, b)) => Ok(&T::cpu_storage_as_slice(s)?[a..b]),
-        None => candle_core::bail!("coarse op: expects a contiguous tensor"),
-    }
-}
-
-/// A `[B, C]` per-sample row vector that may be a column slice of a wider matrix (an adaLN chunk):
-/// its data from the first element on, and the distance between rows.
-pub(super) fn rows_of<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], usize)> {
-    let stride = l.stride();
-    if l.dims().len() != 2 || (stride[1] != 1 && l.dims()[1] > 1) {
-        candle_core::bail!(
-            "coarse op: expects [B, C] rows with unit column stride, got {:?}",
-            l
-        );
-    }
-    Ok((&T::cpu_storage_as_slice(s)?[l.start_offset()..], stride[0]))
-}
-
-pub(super) fn tensor<T: Elem>(v: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
-    Tensor::from_vec(v, shape, &Device::Cpu)
-}
-
-#[cfg(test)]
-pub(super) mod testing {
-    use super::*;
-    use candle_core::Var;
-
-    /// Checks `f`'s backward against central finite differences in f64, on a few coordinates of
-    /// every input, and returns nothing: it panics with the coordinate that disagrees.
-    pub fn check_fd(f: impl Fn(&[Tensor]) -> Tensor, inputs: &[Tensor]) {
-        let vars: Vec<Var> = inputs
-            .iter()
-            .map(|t| Var::from_tensor(t).unwrap())
-            .collect();
-        let ts: Vec<Tensor> = vars.iter().map(|v| v.as_tensor().clone()).collect();
-        let out = f(&ts);
-        let up = Tensor::randn(0f64, 1.0, out.dims(), &Device::Cpu).unwrap();
-        let l = |o: &Tensor| (o * &up).unwrap().sum_all().unwrap();
-        let g = l(&out).backward().unwrap();
-        for (j, v) in vars.iter().enumerate() {
-            let analytic: Vec<f64> = g
-                .get(v.as_tensor())
-                .unwrap()
-                .flatten_all()
-                .unwrap()
-                .to_vec1()
-                .unwrap();
-            let base: Vec<f64> = v.as_tensor().flatten_all().unwrap().to_vec1().unwrap();
-            let n = base.len();
-            for i in [0, n / 3, n / 2, n - 1] {
-                let at = |d: f64| {
-                    let mut x = base.clone();
-                    x[i] += d;
-                    let mut args: Vec<Tensor> = inputs.to_vec();
-                    args[j] = Tensor::from_vec(x, v.as_tensor().dims(), &Device::Cpu).unwrap();
-                    l(&f(&args)).to_scalar::<f64>().unwrap()
-                };
-                let eps = 1e-6;
-                let numeric = (at(eps) - at(-eps)) / (2.0 * eps);
-                assert!(
-                    (numeric - analytic[i]).abs() < 1e-6 * (1.0 + numeric.abs()),
-                    "input {j}, coordinate {i}: finite difference {numeric}, backward {}",
-                    analytic[i]
-                );
-            }
-        }
-    }
-
-    pub fn randn(shape: &[usize], dtype: DType) -> Tensor {
-        Tensor::randn(0f64, 1.0, shape, &Device::Cpu)
-            .unwrap()
-            .to_dtype(dtype)
-            .unwrap()
-    }
 }

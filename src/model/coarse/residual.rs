@@ -1,7 +1,7 @@
 //! adaLN's modulate `x · (1 + scale) + shift` and the gated residual `res + a · gate`, each one pass
 //! forward and one backward, reading the adaLN chunks in place.
 
-use super::{rows_of, slice, tensor, with_data, Elem};
+use super::kernel::{rows_of, slice, tensor, with_data, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
 
@@ -257,7 +257,7 @@ impl CustomOp3 for GatedResidual {
 
 #[cfg(test)]
 mod tests {
-    use super::super::testing::*;
+    use super::super::kernel::testing::*;
     use super::*;
     use crate::model::nn::max_abs_diff;
     use candle_core::Var;
