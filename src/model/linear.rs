@@ -135,11 +135,11 @@ impl Linear {
         y.reshape(out_shape)
     }
 
-    /// The whole layer as one coarse op ([`super::coarse::linear`]) on CPU f32/f64, when its weight
-    /// and bias are frozen under `w`; `None` sends it through the plain formula.
+    /// The whole layer as one coarse op ([`super::coarse::linear`]) when its weight and bias are
+    /// frozen under `w`; `None` sends it through the plain formula.
     fn coarse_forward(&self, x2: &Tensor, w: Weights) -> Result<Option<Tensor>> {
         let dtype = x2.dtype();
-        if !super::coarse::applies(x2) {
+        if !super::coarse::linear_applies(x2) {
             return Ok(None);
         }
         let frozen = |p: &Param| match (p, w) {
@@ -158,9 +158,6 @@ impl Linear {
         };
         let adapter = match (&self.lora, w) {
             (Some(l), Weights::Policy | Weights::PolicyNoGrad) => {
-                if l.a.dtype() != dtype {
-                    return Ok(None);
-                }
                 let track = w == Weights::Policy;
                 let get = |v: &candle_core::Var| {
                     if track {

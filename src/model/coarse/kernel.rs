@@ -1,7 +1,10 @@
 //! What the coarse kernels share: the element types, GEMM on row-major slices, and access to the
 //! contiguous data of CPU tensors.
 
-use candle_core::{CpuStorage, Device, Layout, Result, Shape, Storage, Tensor, WithDType};
+use candle_core::backend::BackendStorage;
+use candle_core::{
+    CpuStorage, CudaStorage, Device, Layout, Result, Shape, Storage, Tensor, WithDType,
+};
 use gemm::Parallelism;
 
 /// The element types the kernels run in.
@@ -96,6 +99,39 @@ pub fn rows_of<'a, T: Elem>(s: &'a CpuStorage, l: &Layout) -> Result<(&'a [T], u
 
 pub fn tensor<T: Elem>(v: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
+}
+
+/// A backend's storage type, and how to find it in a [`Storage`]: the ops' composed paths are
+/// written once for every backend and read the tensors they capture (frozen weights) through this.
+pub trait Backend: BackendStorage {
+    fn of(s: &Storage) -> Result<&Self>;
+}
+
+impl Backend for CpuStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cpu(c) => Ok(c),
+            _ => candle_core::bail!("coarse op: a captured tensor is not on the CPU"),
+        }
+    }
+}
+
+impl Backend for CudaStorage {
+    fn of(s: &Storage) -> Result<&Self> {
+        match s {
+            Storage::Cuda(c) => Ok(c),
+            _ => candle_core::bail!("coarse op: a captured tensor is not on the GPU"),
+        }
+    }
+}
+
+/// The storage and layout of `t` on backend `S`, read-locked for the closure.
+pub fn with_storage<S: Backend, R>(
+    t: &Tensor,
+    f: impl FnOnce(&S, &Layout) -> Result<R>,
+) -> Result<R> {
+    let (s, l) = t.storage_and_layout();
+    f(S::of(&s)?, l)
 }
 
 #[cfg(test)]

@@ -1,11 +1,15 @@
 //! The linear layer as one op: frozen weight, bias and an optional LoRA adapter; three GEMMs
-//! forward, four backward, no gradient for the frozen weight.
+//! forward, four backward, no gradient for the frozen weight. On the CPU in f32/f64 its own kernels;
+//! on CUDA (and other dtypes) the same op composed from Candle's kernels, without an autograd graph:
+//! the graph keeps `x` in its storage dtype, not an f32 copy per adapter.
 
-use super::kernel::{mm, slice, tensor, with_data, Elem};
+use super::kernel::{mm, slice, tensor, with_data, with_storage, Backend, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::op::Add;
+use candle_core::{
+    CpuStorage, CudaStorage, CustomOp1, CustomOp3, DType, Layout, Result, Shape, Tensor,
+};
 
-/// `y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ` for a 2-D `x` `[N, in]`, with `W` `[out, in]` and `b` frozen
 /// `y = x Wᵀ + b + scale · (x Aᵀ) Bᵀ` for a 2-D `x` `[N, in]`, with `W` `[out, in]` and `b` frozen
 /// and, when given, the adapter `A` `[r, in]`, `B` `[out, r]`. With a graph, the backward yields
 /// `∂x` and the adapter's `∂A`, `∂B`, never `∂W`.
@@ -87,6 +91,12 @@ impl LinearOp {
         ab: Option<(&CpuStorage, &Layout, &CpuStorage, &Layout)>,
     ) -> Result<(CpuStorage, Shape)> {
         let n = lx.dims()[0];
+        let kernel = matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.w.dtype() == x.dtype()
+            && ab.is_none_or(|(a, _, _, _)| a.dtype() == x.dtype());
+        if !kernel {
+            return self.fwd_composed(x, lx, ab);
+        }
         macro_rules! run {
             ($t:ty) => {{
                 let ab = match ab {
@@ -103,6 +113,71 @@ impl LinearOp {
             DType::F64 => run!(f64),
             d => candle_core::bail!("linear: coarse op runs in f32 or f64, not {d:?}"),
         }
+    }
+
+    /// The forward composed from Candle's kernels (matmul, broadcast add, casts) on any backend,
+    /// in the order of the plain formula: `x Wᵀ`, `+ b`, `+ (scale · (x Aᵀ) Bᵀ)` with the adapter
+    /// in its own dtype and the sum cast back.
+    fn fwd_composed<S: Backend>(
+        &self,
+        x: &S,
+        lx: &Layout,
+        ab: Option<(&S, &Layout, &S, &Layout)>,
+    ) -> Result<(S, Shape)> {
+        let (n, inp) = lx.shape().dims2()?;
+        let (out, _) = self.w.dims2()?;
+        let ly = Layout::contiguous((n, out));
+        let mut y = with_storage::<S, _>(&self.w, |w, lw| {
+            x.matmul(w, (1, n, out, inp), lx, &lw.transpose(0, 1)?)
+        })?;
+        if let Some(b) = &self.bias {
+            y = with_storage::<S, _>(b, |b, lb| {
+                y.binary_impl::<Add>(b, &ly, &lb.broadcast_as((n, out))?)
+            })?;
+        }
+        if let Some((a, la, bm, lb)) = ab {
+            let r = la.dims()[0];
+            let (cast, lc) = (x.to_dtype(lx, a.dtype())?, Layout::contiguous((n, inp)));
+            let (xa, lxa) = if x.dtype() == a.dtype() {
+                (x, lx)
+            } else {
+                (&cast, &lc)
+            };
+            let t = xa.matmul(a, (1, n, r, inp), lxa, &la.transpose(0, 1)?)?;
+            let lt = Layout::contiguous((n, r));
+            let u = t
+                .matmul(bm, (1, n, out, r), &lt, &lb.transpose(0, 1)?)?
+                .affine(&ly, self.scale, 0.0)?;
+            let u = if u.dtype() == y.dtype() {
+                u
+            } else {
+                u.to_dtype(&ly, y.dtype())?
+            };
+            y = y.binary_impl::<Add>(&u, &ly, &ly)?;
+        }
+        Ok((y, Shape::from((n, out))))
+    }
+
+    /// The backward from Candle tensor ops on detached tensors (no graph), any backend and dtype:
+    /// the adapter's gradients in its own dtype, `∂x` in `x`'s.
+    fn bwd_composed(
+        &self,
+        x: &Tensor,
+        g: &Tensor,
+        ab: Option<(&Tensor, &Tensor)>,
+    ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let (x, g) = (x.detach(), g.detach());
+        let dx = g.matmul(&self.w.to_dtype(g.dtype())?)?;
+        let Some((a, b)) = ab else {
+            return Ok((dx, None));
+        };
+        let (a, b) = (a.detach(), b.detach());
+        let (xa, ga) = (x.to_dtype(a.dtype())?, g.to_dtype(a.dtype())?);
+        let gb = ga.matmul(&b)?;
+        let dx = (dx + (gb.matmul(&a)? * self.scale)?.to_dtype(x.dtype())?)?;
+        let da = (gb.t()?.matmul(&xa)? * self.scale)?;
+        let db = (ga.t()?.matmul(&xa.matmul(&a.t()?)?)? * self.scale)?;
+        Ok((dx, Some((da, db))))
     }
 
     /// `(∂x, ∂A, ∂B)` from the incoming gradient `g` `[N, out]`.
@@ -155,6 +230,13 @@ impl LinearOp {
         g: &Tensor,
         ab: Option<(&Tensor, &Tensor)>,
     ) -> Result<(Tensor, Option<(Tensor, Tensor)>)> {
+        let kernel = x.device().is_cpu()
+            && matches!(x.dtype(), DType::F32 | DType::F64)
+            && self.w.dtype() == x.dtype()
+            && ab.is_none_or(|(a, _)| a.dtype() == x.dtype());
+        if !kernel {
+            return self.bwd_composed(x, g, ab);
+        }
         match x.dtype() {
             DType::F32 => self.bwd_t::<f32>(x, g, ab),
             DType::F64 => self.bwd_t::<f64>(x, g, ab),
@@ -170,6 +252,10 @@ impl CustomOp1 for LinearOp {
 
     fn cpu_fwd(&self, s: &CpuStorage, l: &Layout) -> Result<(CpuStorage, Shape)> {
         self.fwd_storage(s, l, None)
+    }
+
+    fn cuda_fwd(&self, s: &CudaStorage, l: &Layout) -> Result<(CudaStorage, Shape)> {
+        self.fwd_composed(s, l, None)
     }
 
     fn bwd(&self, x: &Tensor, _res: &Tensor, grad: &Tensor) -> Result<Option<Tensor>> {
@@ -192,6 +278,18 @@ impl CustomOp3 for LinearOp {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         self.fwd_storage(s1, l1, Some((s2, l2, s3, l3)))
+    }
+
+    fn cuda_fwd(
+        &self,
+        s1: &CudaStorage,
+        l1: &Layout,
+        s2: &CudaStorage,
+        l2: &Layout,
+        s3: &CudaStorage,
+        l3: &Layout,
+    ) -> Result<(CudaStorage, Shape)> {
+        self.fwd_composed(s1, l1, Some((s2, l2, s3, l3)))
     }
 
     fn bwd(
@@ -304,5 +402,76 @@ mod tests {
             |t| linear(&t[0], &w, None, None).unwrap(),
             &[randn(&[4, 5], DType::F64)],
         );
+    }
+
+    /// The composed path (what CUDA runs), on the CPU in f16 with an f32 adapter, against the plain
+    /// formula in f32: values and gradients within f16 rounding.
+    #[test]
+    fn composed_path_in_half_precision_with_an_f32_adapter() {
+        let h = DType::F16;
+        let (x, w, b) = (randn(&[7, 5], h), randn(&[6, 5], h), randn(&[6], h));
+        let (a, bm) = (randn(&[3, 5], DType::F32), randn(&[6, 3], DType::F32));
+        let (xv, av, bv) = (
+            Var::from_tensor(&x).unwrap(),
+            Var::from_tensor(&a).unwrap(),
+            Var::from_tensor(&bm).unwrap(),
+        );
+        let ours = linear(
+            xv.as_tensor(),
+            &w,
+            Some(&b),
+            Some((av.as_tensor(), bv.as_tensor(), 1.5)),
+        )
+        .unwrap();
+        assert_eq!(ours.dtype(), h);
+        let f = |t: &Tensor| t.to_dtype(DType::F32).unwrap();
+        let xf = Var::from_tensor(&f(&x)).unwrap();
+        let (af, bf) = (
+            Var::from_tensor(&a).unwrap(),
+            Var::from_tensor(&bm).unwrap(),
+        );
+        let plain = linear_plain(
+            xf.as_tensor(),
+            &f(&w),
+            &f(&b),
+            Some((af.as_tensor(), bf.as_tensor(), 1.5)),
+        );
+        let scale = plain
+            .abs()
+            .unwrap()
+            .max_all()
+            .unwrap()
+            .to_scalar::<f32>()
+            .unwrap() as f64;
+        assert!(max_abs_diff(&ours, &plain).unwrap() < 2e-3 * scale);
+        let up = randn(ours.dims(), DType::F32);
+        let g1 = (f(&ours) * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        let g2 = (&plain * &up)
+            .unwrap()
+            .sum_all()
+            .unwrap()
+            .backward()
+            .unwrap();
+        for (ours, theirs) in [(&xv, &xf), (&av, &af), (&bv, &bf)] {
+            let (g, want) = (
+                g1.get(ours.as_tensor()).unwrap(),
+                g2.get(theirs.as_tensor()).unwrap(),
+            );
+            assert_eq!(g.dtype(), ours.dtype());
+            let s = want
+                .abs()
+                .unwrap()
+                .max_all()
+                .unwrap()
+                .to_scalar::<f32>()
+                .unwrap() as f64;
+            let d = max_abs_diff(g, want).unwrap();
+            assert!(d < 5e-3 * s, "gradient differs by {d} (scale {s})");
+        }
     }
 }

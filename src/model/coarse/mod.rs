@@ -31,6 +31,12 @@ pub fn set_enabled(on: bool) {
     ENABLED.store(on, Ordering::SeqCst);
 }
 
+/// Whether the coarse linear op applies to `x`: switched on, and on the CPU (its kernels in f32/f64,
+/// Candle's otherwise) or on CUDA (Candle's kernels, composed without a graph).
+pub fn linear_applies(x: &Tensor) -> bool {
+    ENABLED.load(Ordering::Relaxed) && (x.device().is_cpu() || x.device().is_cuda())
+}
+
 /// Whether the coarse ops apply to `x`: switched on, on the CPU, in f32 or f64.
 pub fn applies(x: &Tensor) -> bool {
     ENABLED.load(Ordering::Relaxed)
