@@ -3,6 +3,7 @@
 # Run by hand from the repository root (not in CI), on an otherwise idle machine:
 #   bash scripts/bench_vs_torch.sh            # threads = all cores, 5 rounds
 #   THREADS=1 ROUNDS=7 bash scripts/bench_vs_torch.sh
+#   DGPO_ARGS=--plain bash scripts/bench_vs_torch.sh   # dgpo without its coarse ops (src/model/coarse/)
 # The two sides alternate (dgpo, PyTorch, dgpo, PyTorch, …) so that a machine whose speed drifts
 # affects both alike; each ratio is the median over rounds of dgpo/PyTorch, with its min–max.
 # Uses $PYTHON (default /tmp/pt/bin/python); creates that venv with torch, diffusers and peft if missing.
@@ -21,11 +22,11 @@ out=$(mktemp -d)
 cargo build --release --bench vs_torch 2>/dev/null
 for r in $(seq 1 "$ROUNDS"); do
   echo "round $r of $ROUNDS" >&2
-  cargo bench --bench vs_torch -- --threads "$THREADS" 2>/dev/null | grep '^{' | sed "s/^{/{\"round\": $r, /" >> "$out/dgpo.jsonl"
+  cargo bench --bench vs_torch -- --threads "$THREADS" ${DGPO_ARGS:-} 2>/dev/null | grep '^{' | sed "s/^{/{\"round\": $r, /" >> "$out/dgpo.jsonl"
   "$PYTHON" scripts/bench_vs_torch.py --threads "$THREADS" 2>/dev/null | grep '^{' | sed "s/^{/{\"round\": $r, /" >> "$out/torch.jsonl"
 done
 python3 - "$out" "$THREADS" "$ROUNDS" <<'PY'
-import json, sys, platform, statistics
+import json, os, sys, platform, statistics
 d, threads, rounds = sys.argv[1], sys.argv[2], int(sys.argv[3])
 def load(f):
     rows = {}
@@ -36,7 +37,7 @@ ours, theirs = load(f"{d}/dgpo.jsonl"), load(f"{d}/torch.jsonl")
 cpu = next((l.split(":", 1)[1].strip() for l in open("/proc/cpuinfo") if l.startswith("model name")), platform.processor())
 peaks = [r["gflops"] for r in theirs["matmul_peak"].values()]
 peak = statistics.median(peaks)
-print(f"machine: {cpu}, {threads} threads; f32; shapes model (configs/shapes/transformer.json), LoRA r8, batch 32")
+print(f"machine: {cpu}, {threads} threads; dgpo args: {os.environ.get('DGPO_ARGS') or 'none'}; f32; shapes model (configs/shapes/transformer.json), LoRA r8, batch 32")
 print(f"{rounds} alternating rounds; medians over rounds, ratio min–max in brackets")
 print(f"matmul peak (PyTorch, 1024^3): {peak:.0f} GFLOP/s (rounds {min(peaks):.0f}–{max(peaks):.0f})")
 print(f"{'bench':<14}{'dgpo ms':>10}{'torch ms':>10}{'dgpo/torch':>12}{'(min–max)':>14}{'dgpo GFLOP/s':>14}{'% of peak':>11}")
