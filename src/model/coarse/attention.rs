@@ -5,9 +5,9 @@
 //! Backward, per head, with `G` the output gradient and `O = P v`:
 //! `∂v = Pᵀ G`, `∂S = P ⊙ (G vᵀ − rowsum(G ⊙ O))`, `∂q = ∂S k / √d`, `∂k = ∂Sᵀ q / √d`.
 
-use super::kernel::{slice, tensor, with_data, Elem};
+use super::kernel::{by_dtype, slice, tensor, with_data, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 use gemm::Parallelism;
 
 /// `q`, `k`, `v`: `[B, L, H·D]`; returns `[B, L, H·D]`.
@@ -233,20 +233,10 @@ impl CustomOp3 for Attention {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let dims = l1.shape().dims3()?;
-        macro_rules! run {
-            ($t:ty) => {{
-                let y = self.fwd::<$t>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, dims);
-                Ok((
-                    <$t as candle_core::WithDType>::to_cpu_storage_owned(y),
-                    l1.shape().clone(),
-                ))
-            }};
-        }
-        match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            d => candle_core::bail!("attention: coarse op runs in f32 or f64, not {d:?}"),
-        }
+        by_dtype!(s1.dtype(), "attention", T => {
+            let y = self.fwd::<T>(slice(s1, l1)?, slice(s2, l2)?, slice(s3, l3)?, dims);
+            Ok((<T as candle_core::WithDType>::to_cpu_storage_owned(y), l1.shape().clone()))
+        })
     }
 
     fn bwd(
@@ -258,10 +248,7 @@ impl CustomOp3 for Attention {
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
         let args = [q, k, v, res, grad];
-        let (dq, dk, dv) = match q.dtype() {
-            DType::F32 => self.bwd_t::<f32>(args)?,
-            _ => self.bwd_t::<f64>(args)?,
-        };
+        let (dq, dk, dv) = by_dtype!(q.dtype(), "attention", T => self.bwd_t::<T>(args)?);
         Ok((Some(dq), Some(dk), Some(dv)))
     }
 }
@@ -271,6 +258,7 @@ mod tests {
     use super::super::kernel::testing::*;
     use super::*;
     use crate::model::nn::{attention as plain_attention, max_abs_diff};
+    use candle_core::DType;
     use candle_core::Var;
 
     /// The plain formula on `[B, L, H·D]` tensors, through `[B, H, L, D]`.
@@ -303,27 +291,7 @@ mod tests {
             let ours = attention(q, k, v, 3).unwrap();
             let theirs = plain(q, k, v, 3);
             assert!(max_abs_diff(&ours, &theirs).unwrap() < tol);
-            let up = randn(ours.dims(), dtype);
-            let g1 = (&ours * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&theirs * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for x in &vars {
-                let d = max_abs_diff(
-                    g1.get(x.as_tensor()).unwrap(),
-                    g2.get(x.as_tensor()).unwrap(),
-                )
-                .unwrap();
-                assert!(d < tol, "{dtype:?}: gradient differs by {d}");
-            }
+            assert_same_grads(&ours, &theirs, &vars.iter().collect::<Vec<_>>(), tol);
         }
     }
 

@@ -101,6 +101,25 @@ pub fn tensor<T: Elem>(v: Vec<T>, shape: impl Into<Shape>) -> Result<Tensor> {
     Tensor::from_vec(v, shape, &Device::Cpu)
 }
 
+/// Evaluates `$body` with the type `$t` bound to `$dtype`'s element type, f32 or f64; any other dtype
+/// is an error that names the op.
+macro_rules! by_dtype {
+    ($dtype:expr, $op:expr, $t:ident => $body:expr) => {
+        match $dtype {
+            candle_core::DType::F32 => {
+                type $t = f32;
+                $body
+            }
+            candle_core::DType::F64 => {
+                type $t = f64;
+                $body
+            }
+            d => candle_core::bail!("{}: coarse op runs in f32 or f64, not {d:?}", $op),
+        }
+    };
+}
+pub(crate) use by_dtype;
+
 /// A backend's storage type, and how to find it in a [`Storage`]: the ops' composed paths are
 /// written once for every backend and read the tensors they capture (frozen weights) through this.
 pub trait Backend: BackendStorage {
@@ -186,5 +205,21 @@ pub mod testing {
             .unwrap()
             .to_dtype(dtype)
             .unwrap()
+    }
+
+    /// Asserts that `ours` and `plain` (the same function of `vars`, two ways) have gradients within
+    /// `tol` of each other, through one random upstream gradient.
+    pub fn assert_same_grads(ours: &Tensor, plain: &Tensor, vars: &[&Var], tol: f64) {
+        let up = randn(ours.dims(), ours.dtype());
+        let grads = |y: &Tensor| (y * &up).unwrap().sum_all().unwrap().backward().unwrap();
+        let (g1, g2) = (grads(ours), grads(plain));
+        for v in vars {
+            let (a, b) = (
+                g1.get(v.as_tensor()).unwrap(),
+                g2.get(v.as_tensor()).unwrap(),
+            );
+            let d = crate::model::nn::max_abs_diff(a, b).unwrap();
+            assert!(d < tol, "{:?}: gradient differs by {d}", ours.dtype());
+        }
     }
 }

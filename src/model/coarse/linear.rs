@@ -3,7 +3,7 @@
 //! on CUDA (and other dtypes) the same op composed from Candle's kernels, without an autograd graph:
 //! the graph keeps `x` in its storage dtype, not an f32 copy per adapter.
 
-use super::kernel::{mm, slice, tensor, with_data, with_storage, Backend, Elem};
+use super::kernel::{by_dtype, mm, slice, tensor, with_data, with_storage, Backend, Elem};
 use candle_core::backend::BackendStorage;
 use candle_core::op::Add;
 use candle_core::{
@@ -97,22 +97,13 @@ impl LinearOp {
         if !kernel {
             return self.fwd_composed(x, lx, ab);
         }
-        macro_rules! run {
-            ($t:ty) => {{
-                let ab = match ab {
-                    Some((a, la, b, lb)) => {
-                        Some((slice::<$t>(a, la)?, slice::<$t>(b, lb)?, la.dims()[0]))
-                    }
-                    None => None,
-                };
-                self.fwd::<$t>(slice(x, lx)?, n, ab)
-            }};
-        }
-        match x.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            d => candle_core::bail!("linear: coarse op runs in f32 or f64, not {d:?}"),
-        }
+        by_dtype!(x.dtype(), "linear", T => {
+            let ab = match ab {
+                Some((a, la, b, lb)) => Some((slice::<T>(a, la)?, slice::<T>(b, lb)?, la.dims()[0])),
+                None => None,
+            };
+            self.fwd::<T>(slice(x, lx)?, n, ab)
+        })
     }
 
     /// The forward composed from Candle's kernels (matmul, broadcast add, casts) on any backend,
@@ -237,11 +228,7 @@ impl LinearOp {
         if !kernel {
             return self.bwd_composed(x, g, ab);
         }
-        match x.dtype() {
-            DType::F32 => self.bwd_t::<f32>(x, g, ab),
-            DType::F64 => self.bwd_t::<f64>(x, g, ab),
-            d => candle_core::bail!("linear: coarse op runs in f32 or f64, not {d:?}"),
-        }
+        by_dtype!(x.dtype(), "linear", T => self.bwd_t::<T>(x, g, ab))
     }
 }
 
@@ -354,31 +341,12 @@ mod tests {
                 let ours = linear(xv.as_tensor(), &w, Some(&b), lv).unwrap();
                 let plain = linear_plain(xv.as_tensor(), &w, &b, lv);
                 assert!(max_abs_diff(&ours, &plain).unwrap() < tol);
-                let up = randn(ours.dims(), dtype);
-                let g1 = (&ours * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
-                let g2 = (&plain * &up)
-                    .unwrap()
-                    .sum_all()
-                    .unwrap()
-                    .backward()
-                    .unwrap();
                 let mut leaves = vec![&xv];
                 if lora.is_some() {
                     leaves.extend([&av, &bv]);
                 }
-                for v in leaves {
-                    let d = max_abs_diff(
-                        g1.get(v.as_tensor()).unwrap(),
-                        g2.get(v.as_tensor()).unwrap(),
-                    )
-                    .unwrap();
-                    assert!(d < tol, "{dtype:?}: gradient differs by {d}");
-                }
+                assert_same_grads(&ours, &plain, &leaves, tol);
+                let g1 = ours.sum_all().unwrap().backward().unwrap();
                 assert!(
                     g1.get(&w).is_none() && g1.get(&b).is_none(),
                     "no gradient for frozen tensors"

@@ -1,9 +1,9 @@
 //! adaLN's modulate `x · (1 + scale) + shift` and the gated residual `res + a · gate`, each one pass
 //! forward and one backward, reading the adaLN chunks in place.
 
-use super::kernel::{rows_of, slice, tensor, with_data, Elem};
+use super::kernel::{by_dtype, rows_of, slice, tensor, with_data, Elem};
 use candle_core::backend::BackendStorage;
-use candle_core::{CpuStorage, CustomOp3, DType, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp3, Layout, Result, Shape, Tensor};
 
 /// `[B, L, C]` dims of a token tensor.
 fn dims3(l: &Layout) -> Result<(usize, usize, usize)> {
@@ -99,19 +99,12 @@ impl CustomOp3 for Modulate {
         l3: &Layout,
     ) -> Result<(CpuStorage, Shape)> {
         let d = dims3(l1)?;
-        macro_rules! run {
-            ($t:ty) => {
-                T3::<$t>::out(
-                    Self::fwd::<$t>(slice(s1, l1)?, d, rows_of(s2, l2)?, rows_of(s3, l3)?),
-                    l1,
-                )
-            };
-        }
-        match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            d => candle_core::bail!("modulate: coarse op runs in f32 or f64, not {d:?}"),
-        }
+        by_dtype!(s1.dtype(), "modulate", T => {
+        T3::<T>::out(
+                            Self::fwd::<T>(slice(s1, l1)?, d, rows_of(s2, l2)?, rows_of(s3, l3)?),
+                            l1,
+                        )
+        })
     }
 
     fn bwd(
@@ -122,10 +115,8 @@ impl CustomOp3 for Modulate {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (dx, dsh, dsc) = match x.dtype() {
-            DType::F32 => Self::bwd_t::<f32>(x, shift, scale, grad)?,
-            _ => Self::bwd_t::<f64>(x, shift, scale, grad)?,
-        };
+        let (dx, dsh, dsc) =
+            by_dtype!(x.dtype(), "backward", T => Self::bwd_t::<T>(x, shift, scale, grad)?);
         Ok((Some(dx), Some(dsh), Some(dsc)))
     }
 }
@@ -224,19 +215,12 @@ impl CustomOp3 for GatedResidual {
                 l2.shape()
             );
         }
-        macro_rules! run {
-            ($t:ty) => {
-                T3::<$t>::out(
-                    Self::fwd::<$t>(slice(s1, l1)?, slice(s2, l2)?, d, rows_of(s3, l3)?),
-                    l1,
-                )
-            };
-        }
-        match s1.dtype() {
-            DType::F32 => run!(f32),
-            DType::F64 => run!(f64),
-            d => candle_core::bail!("gated residual: coarse op runs in f32 or f64, not {d:?}"),
-        }
+        by_dtype!(s1.dtype(), "gated residual", T => {
+        T3::<T>::out(
+                            Self::fwd::<T>(slice(s1, l1)?, slice(s2, l2)?, d, rows_of(s3, l3)?),
+                            l1,
+                        )
+        })
     }
 
     fn bwd(
@@ -247,10 +231,7 @@ impl CustomOp3 for GatedResidual {
         _res: &Tensor,
         grad: &Tensor,
     ) -> Result<(Option<Tensor>, Option<Tensor>, Option<Tensor>)> {
-        let (da, dgate) = match a.dtype() {
-            DType::F32 => Self::bwd_t::<f32>(a, gate, grad)?,
-            _ => Self::bwd_t::<f64>(a, gate, grad)?,
-        };
+        let (da, dgate) = by_dtype!(a.dtype(), "backward", T => Self::bwd_t::<T>(a, gate, grad)?);
         Ok((Some(grad.clone()), Some(da), Some(dgate)))
     }
 }
@@ -260,6 +241,7 @@ mod tests {
     use super::super::kernel::testing::*;
     use super::*;
     use crate::model::nn::max_abs_diff;
+    use candle_core::DType;
     use candle_core::Var;
 
     /// adaLN chunks as the block takes them: column slices of one `[B, k·C]` matrix.
@@ -287,27 +269,7 @@ mod tests {
             let plain_res = (x_ + a_.broadcast_mul(&ch[2].unsqueeze(1).unwrap()).unwrap()).unwrap();
             let plain = (plain_mod + plain_res).unwrap();
             assert!(max_abs_diff(&ours, &plain).unwrap() < tol);
-            let up = randn(ours.dims(), dtype);
-            let g1 = (&ours * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            let g2 = (&plain * &up)
-                .unwrap()
-                .sum_all()
-                .unwrap()
-                .backward()
-                .unwrap();
-            for v in [&x, &a, &m] {
-                let d = max_abs_diff(
-                    g1.get(v.as_tensor()).unwrap(),
-                    g2.get(v.as_tensor()).unwrap(),
-                )
-                .unwrap();
-                assert!(d < tol, "{dtype:?}: gradient differs by {d}");
-            }
+            assert_same_grads(&ours, &plain, &[&x, &a, &m], tol);
         }
     }
 
