@@ -7,7 +7,8 @@
 //! * `train_chunk`: forward with graph and backward of a mean-squared loss for C images (the unit of
 //!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`; with
 //!   `--checkpointing`, as `train.gradient_checkpointing` does it (a forward without graph, then the
-//!   blocks recomputed one at a time in the backward).
+//!   blocks recomputed one at a time in the backward); with `--single-stream`, under cudarc's
+//!   one-stream settings ([`dgpo::cuda_single_stream`]).
 //!
 //! Output: one JSON object per line, with the process's resident memory (`rss_gb` after set-up,
 //! `peak_rss_gb` during each benchmark: the memory the work needs on the CPU, host memory only on a
@@ -38,6 +39,7 @@ struct Args {
     rank: usize,
     reps: usize,
     checkpointing: bool,
+    single_stream: bool,
 }
 
 fn parse() -> anyhow::Result<Args> {
@@ -53,6 +55,7 @@ fn parse() -> anyhow::Result<Args> {
         rank: 64,
         reps: 5,
         checkpointing: false,
+        single_stream: false,
     };
     let argv: Vec<String> = std::env::args().skip(1).collect();
     let mut i = 0;
@@ -62,8 +65,9 @@ fn parse() -> anyhow::Result<Args> {
             i += 1;
             continue;
         }
-        if key == "--checkpointing" {
-            a.checkpointing = true;
+        if key == "--checkpointing" || key == "--single-stream" {
+            a.checkpointing |= key == "--checkpointing";
+            a.single_stream |= key == "--single-stream";
             i += 1;
             continue;
         }
@@ -130,6 +134,9 @@ fn reset_peak() {
 fn main() -> anyhow::Result<()> {
     let a = parse()?;
     let dev = dgpo::device(&a.device)?;
+    if a.single_stream {
+        dgpo::cuda_single_stream(&dev)?;
+    }
     let cfg = TransformerConfig::from_json_file(&a.config)?;
     let latent = a.resolution / 8;
     let n_img = (latent / cfg.patch_size).pow(2);

@@ -8,7 +8,7 @@
 #   2. a short run of the main job on the GPU (epoch timings in OUT/metrics.jsonl);
 #   3. benches/sd35.rs: an SD3.5-Medium-sized transformer, bf16 weights, LoRA r64 in f32 — a rollout
 #      step (2×16 images, CFG) and a training chunk (4 images, forward + backward), with the peak GPU
-#      memory that nvidia-smi saw;
+#      memory that nvidia-smi saw; 3b. the same with `--single-stream` (cudarc's one-stream settings);
 #   4. the same work in PyTorch + diffusers + peft (scripts/bench_sd35_torch.py), when importable.
 # Each step runs even if one before it failed; the log says which did.
 set -uo pipefail
@@ -67,6 +67,10 @@ PY
 step "3. dgpo, SD3.5-Medium-sized transformer (bf16, LoRA r64), benches/sd35.rs"
 peak_mem "$OUT/mem-dgpo.txt" "$BIN/sd35" --device cuda --dtype bf16 | tee "$OUT/sd35-dgpo.jsonl" \
   || echo "STEP 3 FAILED"
+
+step "3b. the same with cudarc's single-stream settings (--single-stream: event tracking off, pool kept)"
+peak_mem "$OUT/mem-dgpo-single.txt" "$BIN/sd35" --device cuda --dtype bf16 --single-stream \
+  | tee "$OUT/sd35-dgpo-single.jsonl" || echo "STEP 3b FAILED"
 
 step "4. PyTorch + diffusers + peft, the same work"
 if python3 -c 'import diffusers, peft' 2>/dev/null; then

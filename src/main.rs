@@ -32,6 +32,10 @@ struct Cli {
     /// reproducible bit for bit for a given thread count.
     #[arg(long, global = true, value_parser = clap::value_parser!(u32).range(1..=256))]
     threads: Option<u32>,
+    /// CUDA: cudarc's settings for one stream (event tracking off, memory pool kept); not yet
+    /// measured on a GPU, so off by default.
+    #[arg(long, global = true)]
+    cuda_single_stream: bool,
     #[command(subcommand)]
     command: Command,
 }
@@ -263,6 +267,9 @@ fn main() {
 
 fn run(cli: Cli) -> Result<()> {
     let device = dgpo::device(&cli.device)?;
+    if cli.cuda_single_stream {
+        dgpo::cuda_single_stream(&device)?;
+    }
     tracing::debug!(?device, "device ready");
     match cli.command {
         Command::Train {

@@ -107,6 +107,18 @@ fn missing_config_file_and_bad_device_are_clear() {
     ]);
     assert_eq!(code, 1);
     assert!(err.contains("expected cpu, cuda or cuda:N"), "{err}");
+    let (code, _, err) = dgpo(&[
+        "--cuda-single-stream",
+        "train",
+        "-c",
+        "configs/geneval.toml",
+        "--dry-run",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("--cuda-single-stream needs --device cuda"),
+        "{err}"
+    );
 }
 
 #[test]

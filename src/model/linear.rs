@@ -139,7 +139,7 @@ impl Linear {
     /// frozen under `w`; `None` sends it through the plain formula.
     fn coarse_forward(&self, x2: &Tensor, w: Weights) -> Result<Option<Tensor>> {
         let dtype = x2.dtype();
-        if !super::coarse::linear_applies(x2) {
+        if !super::coarse::applies(x2) {
             return Ok(None);
         }
         let frozen = |p: &Param| match (p, w) {

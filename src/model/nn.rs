@@ -93,7 +93,7 @@ pub fn gated_residual(res: &Tensor, a: &Tensor, gate: &Tensor) -> Result<Tensor>
 /// Multi-head attention on `[B, L, H·D]` token tensors (heads side by side); returns `[B, L, H·D]`.
 /// On CPU f32/f64 the coarse op; elsewhere [`attention`] through the `[B, H, L, D]` layout.
 pub fn multi_head_attention(q: &Tensor, k: &Tensor, v: &Tensor, heads: usize) -> Result<Tensor> {
-    if coarse::applies(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
+    if coarse::attention_applies(q) && k.dtype() == q.dtype() && v.dtype() == q.dtype() {
         return coarse::attention(q, k, v, heads);
     }
     let (b, l, c) = q.dims3()?;

@@ -68,6 +68,12 @@ pub fn mm<T: Elem>(
     }
 }
 
+/// Whether the coarse ops' own kernels apply to `x`: on the CPU, in f32 or f64 (elsewhere they are
+/// composed from Candle's kernels).
+pub fn kernel_applies(x: &Tensor) -> bool {
+    x.device().is_cpu() && matches!(x.dtype(), candle_core::DType::F32 | candle_core::DType::F64)
+}
+
 /// The contiguous data of a CPU tensor, read-locked for the closure.
 pub fn with_data<T: Elem, R>(t: &Tensor, f: impl FnOnce(&[T]) -> Result<R>) -> Result<R> {
     let (s, l) = t.storage_and_layout();
