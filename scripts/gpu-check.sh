@@ -9,6 +9,7 @@
 #   3. benches/sd35.rs: an SD3.5-Medium-sized transformer, bf16 weights, LoRA r64 in f32 — a rollout
 #      step (2×16 images, CFG) and a training chunk (4 images, forward + backward), with the peak GPU
 #      memory that nvidia-smi saw; 3b. the same with `--single-stream` (cudarc's one-stream settings);
+#      3c. the same with `--checkpointing` (gradient checkpointing in the training chunk);
 #   4. the same work in PyTorch + diffusers + peft (scripts/bench_sd35_torch.py), when importable.
 # Each step runs even if one before it failed; the log says which did.
 set -uo pipefail
@@ -71,6 +72,10 @@ peak_mem "$OUT/mem-dgpo.txt" "$BIN/sd35" --device cuda --dtype bf16 | tee "$OUT/
 step "3b. the same with cudarc's single-stream settings (--single-stream: event tracking off, pool kept)"
 peak_mem "$OUT/mem-dgpo-single.txt" "$BIN/sd35" --device cuda --dtype bf16 --single-stream \
   | tee "$OUT/sd35-dgpo-single.jsonl" || echo "STEP 3b FAILED"
+
+step "3c. the same with gradient checkpointing (--checkpointing: one block's activations at a time)"
+peak_mem "$OUT/mem-dgpo-ckpt.txt" "$BIN/sd35" --device cuda --dtype bf16 --checkpointing \
+  | tee "$OUT/sd35-dgpo-ckpt.jsonl" || echo "STEP 3c FAILED"
 
 step "4. PyTorch + diffusers + peft, the same work"
 if python3 -c 'import diffusers, peft' 2>/dev/null; then

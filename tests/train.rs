@@ -390,3 +390,55 @@ fn a_diverging_run_names_the_epoch_and_the_step_and_saves_no_broken_weights() {
     }
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn inner_epochs_take_several_steps_per_rollout_batch_and_resume_exactly() {
+    let dir = tmp("inner");
+    let mut cfg = setup(&dir);
+    cfg.run.eval_every = 100;
+    let dev = Device::Cpu;
+    let one = dir.join("one");
+    cfg.run.num_epochs = 1;
+    dgpo::train::run(&cfg, &one, false, &dev).unwrap();
+    cfg.run.num_epochs = 3;
+    cfg.train.num_inner_epochs = 2;
+    let a = dir.join("a");
+    dgpo::train::run(&cfg, &a, false, &dev).unwrap();
+    let ma = metrics(&a);
+    let train: Vec<_> = ma.iter().filter(|v| v["kind"] == "train").collect();
+    let m = cfg.train.num_train_timesteps;
+    for (e, t) in train.iter().enumerate() {
+        assert_eq!(t["opt_step"], 2 * (e + 1), "{t}");
+        // each inner epoch draws its own step indices
+        assert_eq!(t["timesteps"].as_array().unwrap().len(), 2 * m, "{t}");
+    }
+    // The first inner epoch is the one-step epoch: the same indices and the same first rollouts.
+    let m1 = metrics(&one);
+    let t1 = m1.iter().find(|v| v["kind"] == "train").unwrap();
+    assert_eq!(t1["reward_mean"], train[0]["reward_mean"]);
+    assert_eq!(
+        t1["timesteps"].as_array().unwrap()[..],
+        train[0]["timesteps"].as_array().unwrap()[..m]
+    );
+    // Killed after epoch 1, resumed: the same run.
+    let b = dir.join("b");
+    dgpo::train::run_until(&cfg, &b, false, &dev, Some(1)).unwrap();
+    dgpo::train::run(&cfg, &b, true, &dev).unwrap();
+    assert_eq!(ma, metrics(&b));
+    for bad in ["0", "65"] {
+        let e = Config::from_toml(
+            &format!("[train]\nnum_inner_epochs = {bad}\n"),
+            "bad.toml",
+            &[],
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("train.num_inner_epochs"), "{e}");
+    }
+    // The paper's configs keep one optimizer step per epoch.
+    for f in ["geneval.toml", "ocr.toml", "pickscore.toml"] {
+        let c = Config::load(&common::tiny::root().join("configs").join(f), &[]).unwrap();
+        assert_eq!(c.train.num_inner_epochs, 1, "{f}");
+    }
+    std::fs::remove_dir_all(&dir).unwrap();
+}

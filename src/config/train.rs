@@ -21,6 +21,10 @@ pub struct TrainConfig {
     /// Same gradient (up to summation order). Combines with `backward_chunk`.
     pub gradient_checkpointing: bool,
     pub learning_rate: f64,
+    /// Passes of the update over each epoch's rollouts, each with its own step indices and noise
+    /// and its own optimizer step (1 = the algorithm's one step per epoch). More reuse the same
+    /// rollouts: cheaper steps, slightly off-policy after the first.
+    pub num_inner_epochs: usize,
     pub adam_beta1: f64,
     pub adam_beta2: f64,
     pub adam_weight_decay: f64,
@@ -96,6 +100,7 @@ impl Default for TrainConfig {
         Self {
             batch_size: 16,
             learning_rate: 3e-4,
+            num_inner_epochs: 1,
             adam_beta1: 0.9,
             adam_beta2: 0.999,
             adam_weight_decay: 1e-4,
@@ -171,6 +176,13 @@ impl TrainConfig {
             self.batch_size,
             MAX_IMAGES,
             "more images than any machine holds at once",
+        );
+        p.need(
+            (1..=64).contains(&self.num_inner_epochs),
+            format!(
+                "train.num_inner_epochs = {} must be in 1..=64 (1 = one optimizer step per epoch)",
+                self.num_inner_epochs
+            ),
         );
         p.need(
             self.ema_every >= 1,

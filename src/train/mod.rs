@@ -25,15 +25,16 @@ pub use prompts::{epoch_prompts, epoch_prompts_by_tag};
 use crate::config::{AdvantageMode, Config};
 use crate::sampling::{Conditioning, Schedule};
 use crate::train::metrics::{final_words, record_epoch, record_eval, At, EpochReport, RunLog};
-use crate::train::objective::MicroBatch;
+use crate::train::objective::{MicroBatch, Objective};
 use crate::train::optim::TrainState;
 use crate::train::policy::{Policies, Policy};
 use crate::train::rollout::{rollout_epoch, EpochPrompts};
 use crate::train::run_dir::RunDir;
 use crate::train::seeds::{epoch_rng, ROLLOUT_NOISE, UPDATE};
 use crate::train::session::Session;
+use crate::train::update::Updated;
 use anyhow::{Context, Result};
-use candle_core::Device;
+use candle_core::{Device, Tensor};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -181,8 +182,7 @@ impl<'a> Trainer<'a> {
             epoch,
         );
         // 2. rollouts, each batch scored on a second thread while the next is sampled
-        let policies = Policies::of(&self.state);
-        let mut objective = objective::for_epoch(train, sample, policies, self.state.opt.step);
+        let mut objective = objective::for_epoch(train, sample, self.state.opt.step);
         let epoch_prompts = EpochPrompts {
             prompts: &prompts,
             metas: &metas,
@@ -193,6 +193,7 @@ impl<'a> Trainer<'a> {
         let rolled = rollout_epoch(
             pipe,
             objective.as_mut(),
+            &Policies::of(&self.state),
             &self.sched,
             &epoch_prompts,
             &self.session.rewards,
@@ -207,54 +208,25 @@ impl<'a> Trainer<'a> {
         };
         let adv = group_advantages(train, &scored, g)?;
         let reward_s = rolled.reward_wait_s + t_rew.elapsed().as_secs_f64();
-        // 4. update: every micro-batch (whole groups) at every drawn step index
+        // 4.–5. update and optimizer steps
         let t_upd = Instant::now();
-        let mut draws = epoch_rng(cfg.run.seed, epoch, UPDATE);
-        let steps = objective.train_steps(&mut draws, &self.sched);
-        let passes = (per_epoch / train.batch_size * steps.len()) as f64;
-        let micro_batches = (0..per_epoch)
-            .step_by(train.batch_size)
-            .map(|lo| -> Result<MicroBatch> {
-                Ok(MicroBatch {
-                    model: pipe.transformer(),
-                    sched: &self.sched,
-                    x0: rolled.x0.narrow(0, lo, train.batch_size)?,
-                    cond: rolled.cond.narrow(lo..lo + train.batch_size)?,
-                    empty: &self.empty,
-                    adv: &adv.values[lo..lo + train.batch_size],
-                    lo,
-                    group: g,
-                    workers: self.workers,
-                    passes,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let (acc, totals) = update::accumulate(
-            objective.as_ref(),
-            &self.state.opt,
-            &micro_batches,
-            &steps,
-            &mut draws,
+        let upd = self.update(
             epoch,
+            objective.as_ref(),
+            (&rolled.x0, &rolled.cond),
+            &adv.values,
         )?;
-        let rollout_weights = objective.rollout_weights();
-        drop((micro_batches, objective));
-        // 5. one AdamW step per epoch, then the EMA-reference and the slow EMA
-        let grad_norm = self
-            .state
-            .step(acc, train)
-            .with_context(|| format!("epoch {epoch}"))?;
         // 6. metrics
         let report = EpochReport {
             reward: &scored.total,
             named: &scored.named,
             adv: &adv,
-            totals: &totals,
-            passes,
+            totals: &upd.totals,
+            passes: upd.passes,
             n_groups: per_epoch / g,
-            grad_norm,
-            timesteps: steps.iter().map(|&j| self.sched.timesteps[j]).collect(),
-            rollout_weights,
+            grad_norm: upd.grad_norm,
+            timesteps: upd.timesteps,
+            rollout_weights: objective.rollout_weights(),
             rollout_s: rolled.rollout_s,
             reward_s,
             reward_busy_s: rolled.reward_busy_s,
@@ -262,6 +234,68 @@ impl<'a> Trainer<'a> {
         };
         let at = self.at(epoch);
         record_epoch(&mut self.log, &at, &report)
+    }
+
+    /// The update of an epoch, `train.num_inner_epochs` times over its rollouts: each time every
+    /// micro-batch (whole groups) at freshly drawn step indices, the gradients accumulated into one
+    /// AdamW step, then the EMA-reference and the slow EMA. One inner epoch is the algorithm's
+    /// one optimizer step per epoch.
+    fn update(
+        &mut self,
+        epoch: usize,
+        objective: &dyn Objective,
+        (x0, cond): (&Tensor, &Conditioning),
+        adv: &[f32],
+    ) -> Result<Updated> {
+        let (train, sample) = (&self.cfg.train, &self.cfg.sample);
+        let per_epoch = sample.batch_size * sample.num_batches_per_epoch;
+        let mut draws = epoch_rng(self.cfg.run.seed, epoch, UPDATE);
+        let mut upd = Updated::default();
+        for _ in 0..train.num_inner_epochs {
+            let steps = objective.train_steps(&mut draws, &self.sched);
+            let passes = (per_epoch / train.batch_size * steps.len()) as f64;
+            let policies = Policies::of(&self.state);
+            let micro_batches = (0..per_epoch)
+                .step_by(train.batch_size)
+                .map(|lo| -> Result<MicroBatch> {
+                    Ok(MicroBatch {
+                        model: self.session.pipe.transformer(),
+                        policies: &policies,
+                        sched: &self.sched,
+                        x0: x0.narrow(0, lo, train.batch_size)?,
+                        cond: cond.narrow(lo..lo + train.batch_size)?,
+                        empty: &self.empty,
+                        adv: &adv[lo..lo + train.batch_size],
+                        lo,
+                        group: sample.group_size,
+                        workers: self.workers,
+                        passes,
+                    })
+                })
+                .collect::<Result<Vec<_>>>()?;
+            let (acc, totals) = update::accumulate(
+                objective,
+                &self.state.opt,
+                &micro_batches,
+                &steps,
+                &mut draws,
+                epoch,
+            )?;
+            drop(micro_batches);
+            drop(policies);
+            let grad_norm = self
+                .state
+                .step(acc, train)
+                .with_context(|| format!("epoch {epoch}"))?;
+            upd.add(
+                totals,
+                passes,
+                grad_norm,
+                steps.iter().map(|&j| self.sched.timesteps[j]),
+            );
+        }
+        upd.grad_norm /= train.num_inner_epochs as f64;
+        Ok(upd)
     }
 
     /// Training wall time so far, resumed runs included.

@@ -19,6 +19,8 @@ use rand::seq::SliceRandom;
 /// One training micro-batch of an epoch, with what every pass over it needs.
 pub struct MicroBatch<'a> {
     pub model: &'a MMDiT,
+    /// The weights as of this pass's optimizer step.
+    pub policies: &'a Policies<'a>,
     pub sched: &'a Schedule,
     /// The rollouts' final samples.
     pub x0: Tensor,
@@ -99,6 +101,7 @@ impl ShardPass {
 /// One rollout batch to sample.
 pub struct RolloutBatch<'a> {
     pub model: &'a MMDiT,
+    pub policies: &'a Policies<'a>,
     pub sched: &'a Schedule,
     pub noise: &'a Tensor,
     pub cond: &'a Conditioning,
@@ -129,11 +132,10 @@ pub trait Objective: Sync {
 pub fn for_epoch<'a>(
     train: &'a TrainConfig,
     sample: &SampleConfig,
-    policies: Policies<'a>,
     opt_step: u64,
 ) -> Box<dyn Objective + 'a> {
     match train.algorithm {
-        Algorithm::Dgpo => Box::new(Dgpo::new(train, sample.sampler, policies, opt_step)),
+        Algorithm::Dgpo => Box::new(Dgpo::new(train, sample.sampler, opt_step)),
         Algorithm::FlowGrpo => Box::new(FlowGrpo {
             train,
             guidance: sample.guidance_scale,
@@ -149,17 +151,11 @@ pub struct Dgpo<'a> {
     train: &'a TrainConfig,
     sampler: Sampler,
     params: DgpoParams,
-    policies: Policies<'a>,
     rollout_policy: Policy,
 }
 
 impl<'a> Dgpo<'a> {
-    fn new(
-        train: &'a TrainConfig,
-        sampler: Sampler,
-        policies: Policies<'a>,
-        opt_step: u64,
-    ) -> Self {
+    fn new(train: &'a TrainConfig, sampler: Sampler, opt_step: u64) -> Self {
         let rollout_policy = if opt_step as usize > train.switch_ema_ref {
             Policy::EmaReference
         } else {
@@ -174,7 +170,6 @@ impl<'a> Dgpo<'a> {
             },
             train,
             sampler,
-            policies,
             rollout_policy,
         }
     }
@@ -197,7 +192,7 @@ impl Objective for Dgpo<'_> {
     }
 
     fn rollout(&mut self, b: &RolloutBatch, _rng: &mut StdRng) -> Result<Tensor> {
-        self.policies.no_grad(self.rollout_policy, |w| {
+        b.policies.no_grad(self.rollout_policy, |w| {
             sample(
                 b.model,
                 self.sampler,
@@ -234,10 +229,10 @@ impl Objective for Dgpo<'_> {
         let uncond = (train.kl_cfg > 1.0)
             .then(|| mb.empty.repeat(n))
             .transpose()?;
-        let v_ref = self.policies.no_grad(Policy::Reference, |w| {
+        let v_ref = mb.policies.no_grad(Policy::Reference, |w| {
             velocity_sharded(m, &xt, timestep, &mb.cond, uncond.as_ref(), train.kl_cfg, w)
         })?;
-        let v_old = self.policies.no_grad(Policy::EmaReference, |w| {
+        let v_old = mb.policies.no_grad(Policy::EmaReference, |w| {
             velocity_sharded(m, &xt, timestep, &mb.cond, None, 1.0, w)
         })?;
         let p = DgpoPass {

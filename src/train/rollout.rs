@@ -8,6 +8,7 @@ use crate::pipeline::Pipeline;
 use crate::reward::{Rewards, Scored};
 use crate::sampling::{seeded_randn as randn, Conditioning, Schedule};
 use crate::train::objective::{Objective, RolloutBatch};
+use crate::train::policy::Policies;
 use anyhow::Result;
 use candle_core::Tensor;
 use rand::rngs::StdRng;
@@ -42,6 +43,7 @@ pub struct EpochPrompts<'a> {
 pub fn rollout_epoch(
     pipe: &dyn Pipeline,
     objective: &mut dyn Objective,
+    policies: &Policies,
     sched: &Schedule,
     ep: &EpochPrompts,
     rewards: &Rewards,
@@ -67,6 +69,7 @@ pub fn rollout_epoch(
             let uncond = ep.empty.repeat(ps.len())?;
             let batch = RolloutBatch {
                 model: pipe.transformer(),
+                policies,
                 sched,
                 noise: &noise,
                 cond: &cond,

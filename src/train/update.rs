@@ -8,6 +8,37 @@ use crate::train::optim::{AdamW, GradAccum};
 use anyhow::{bail, Context, Result};
 use rand::rngs::StdRng;
 
+/// What an epoch's optimizer steps report: the totals of all their passes, how many passes, the mean
+/// gradient norm (before clipping) and every trained timestep.
+#[derive(Default)]
+pub struct Updated {
+    pub totals: PassTotals,
+    pub passes: f64,
+    pub grad_norm: f64,
+    pub timesteps: Vec<f32>,
+}
+
+impl Updated {
+    /// Add one optimizer step's passes; `grad_norm` is summed (the caller divides by the steps).
+    pub fn add(
+        &mut self,
+        t: PassTotals,
+        passes: f64,
+        grad_norm: f64,
+        timesteps: impl IntoIterator<Item = f32>,
+    ) {
+        let tot = &mut self.totals;
+        tot.policy += t.policy;
+        tot.kl += t.kl;
+        tot.clip += t.clip;
+        tot.weight += t.weight;
+        tot.loss += t.loss;
+        self.passes += passes;
+        self.grad_norm += grad_norm;
+        self.timesteps.extend(timesteps);
+    }
+}
+
 /// Add the shards' gradients to the accumulator and their terms to the totals; a non-finite loss
 /// stops the run naming the epoch, the algorithm and its terms.
 fn absorb(
