@@ -8,7 +8,8 @@
 //!   `train.backward_chunk`), LoRA weights trainable in f32 on frozen weights in `--dtype`; with
 //!   `--checkpointing`, as `train.gradient_checkpointing` does it (a forward without graph, then the
 //!   blocks recomputed one at a time in the backward); with `--single-stream`, under cudarc's
-//!   one-stream settings ([`dgpo::cuda_single_stream`]).
+//!   one-stream settings ([`dgpo::cuda_single_stream`]); with `--rank 0`, the rollout step of the
+//!   model without adapters only.
 //!
 //! Output: one JSON object per line, with the process's resident memory (`rss_gb` after set-up,
 //! `peak_rss_gb` during each benchmark: the memory the work needs on the CPU, host memory only on a
@@ -146,15 +147,22 @@ fn main() -> anyhow::Result<()> {
         .into_iter()
         .map(|(k, v)| Ok((k, v.randn_like(0.0, 0.02)?.to_dtype(a.dtype)?)))
         .collect::<candle_core::Result<_>>()?;
-    let spec = LoraSpec {
-        rank: a.rank,
-        alpha: 2.0 * a.rank as f64,
-        ..LoraSpec::paper_default()
+    // --rank 0: no adapters (the frozen model alone; the rollout step only)
+    let trainable = match a.rank {
+        0 => Trainable::None,
+        rank => Trainable::Lora {
+            spec: LoraSpec {
+                rank,
+                alpha: 2.0 * rank as f64,
+                ..LoraSpec::paper_default()
+            },
+            seed: 0,
+        },
     };
     let model = MMDiT::new(
         &cfg,
         WeightStore::new("bench", w, a.dtype),
-        &Trainable::Lora { spec, seed: 0 },
+        &trainable,
         a.dtype,
     )?;
     dev.synchronize()?;
@@ -226,6 +234,9 @@ fn main() -> anyhow::Result<()> {
         rss_gb().1
     );
 
+    if a.rank == 0 {
+        return Ok(());
+    }
     let n = a.chunk.min(b);
     let xc = x.narrow(0, 0, n)?;
     let target = Tensor::randn(0f32, 1.0, xc.shape(), &dev)?;

@@ -183,7 +183,9 @@ impl<'a> Trainer<'a> {
         );
         // 2. rollouts, each batch scored on a second thread while the next is sampled
         let mut objective = objective::for_epoch(train, sample, self.state.opt.step);
+        let policies = Policies::of(&self.state);
         let epoch_prompts = EpochPrompts {
+            policies: &policies,
             prompts: &prompts,
             metas: &metas,
             empty: &self.empty,
@@ -193,7 +195,6 @@ impl<'a> Trainer<'a> {
         let rolled = rollout_epoch(
             pipe,
             objective.as_mut(),
-            &Policies::of(&self.state),
             &self.sched,
             &epoch_prompts,
             &self.session.rewards,
@@ -282,7 +283,6 @@ impl<'a> Trainer<'a> {
                 epoch,
             )?;
             drop(micro_batches);
-            drop(policies);
             let grad_norm = self
                 .state
                 .step(acc, train)

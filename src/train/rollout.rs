@@ -31,6 +31,8 @@ pub struct Rollouts {
 
 /// The prompts of an epoch (each `group_size` times in a row), with what rollouts need.
 pub struct EpochPrompts<'a> {
+    /// The weights the objective samples with.
+    pub policies: &'a Policies<'a>,
     pub prompts: &'a [String],
     pub metas: &'a [Option<Metadata>],
     /// The empty prompt's conditioning (one row): the unconditional branch of CFG.
@@ -43,7 +45,6 @@ pub struct EpochPrompts<'a> {
 pub fn rollout_epoch(
     pipe: &dyn Pipeline,
     objective: &mut dyn Objective,
-    policies: &Policies,
     sched: &Schedule,
     ep: &EpochPrompts,
     rewards: &Rewards,
@@ -69,7 +70,7 @@ pub fn rollout_epoch(
             let uncond = ep.empty.repeat(ps.len())?;
             let batch = RolloutBatch {
                 model: pipe.transformer(),
-                policies,
+                policies: ep.policies,
                 sched,
                 noise: &noise,
                 cond: &cond,
